@@ -1,0 +1,373 @@
+package lab
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Errors a boot can end with; a *BootError matches one of them with
+// errors.Is.
+var (
+	ErrTimeout  = errors.New("nestlab: L1 timed out")
+	ErrNoKVM    = errors.New("nestlab: L1 has no working /dev/kvm")
+	ErrCrashed  = errors.New("nestlab: L1 ended without an exit marker")
+	ErrQEMU     = errors.New("nestlab: QEMU failed")
+	ErrCanceled = errors.New("nestlab: interrupted")
+)
+
+// Exit statuses the nestlab command uses when the payload's own status is
+// not available.
+const (
+	ExitTimeout = 124 // L1 hung past the timeout (like timeout(1))
+	ExitCrashed = 125 // L1 or QEMU died without reporting the payload status
+	ExitNoKVM   = 126 // kvm modules failed to load or /dev/kvm is missing
+	ExitSignal  = 130 // interrupted (SIGINT/SIGTERM)
+)
+
+// BootError is a lab failure (not a payload failure).
+type BootError struct {
+	Kind   error  // one of ErrTimeout, ErrNoKVM, ErrCrashed, ErrQEMU, ErrCanceled
+	Reason string // one-line detail
+}
+
+func (e *BootError) Error() string { return e.Kind.Error() + ": " + e.Reason }
+
+// Unwrap returns the kind so errors.Is works.
+func (e *BootError) Unwrap() error { return e.Kind }
+
+// ExitStatus maps a Boot error to the nestlab command's exit status.
+func ExitStatus(err error) int {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, ErrTimeout):
+		return ExitTimeout
+	case errors.Is(err, ErrNoKVM):
+		return ExitNoKVM
+	case errors.Is(err, ErrCanceled):
+		return ExitSignal
+	}
+	return ExitCrashed
+}
+
+// Spec is what to run in one L1 boot.
+type Spec struct {
+	Payload      string            // payload shell script (see CommandPayload)
+	Workdir      string            // payload working directory in the guest
+	Env          []string          // K=V exported to the payload (KVMKIT_NESTLAB=1 is always added)
+	Files        *Image            // extra files to pack (may be nil)
+	ModuleParams map[string]string // module name -> parameters, e.g. "kvm-amd": "npt=1"
+}
+
+// Options control QEMU and output handling.
+type Options struct {
+	QEMU        string        // QEMU binary; default "qemu-system-x86_64"
+	Mem         string        // guest memory, default "6G"
+	CPUs        int           // guest CPUs, default 2
+	Machine     string        // QEMU machine, default "pc"
+	Timeout     time.Duration // whole-boot limit, default 20m
+	Cmdline     string        // extra kernel parameters
+	Output      io.Writer     // serial console lines; nil discards
+	PayloadOnly bool          // forward only the payload's lines to Output
+	OnMarker    func(Marker)  // called for each marker line, in order
+	TempDir     string        // where the initramfs is written; default os.TempDir()
+	Logger      *slog.Logger  // progress messages; nil discards
+}
+
+// Result describes a finished boot.
+type Result struct {
+	ExitCode   int           // payload exit status (valid when err == nil)
+	BootAt     time.Duration // wall time from QEMU start to /init running
+	StartAt    time.Duration // wall time from QEMU start to the payload starting
+	Wall       time.Duration // total wall time of QEMU
+	ImageBytes int64         // size of the initramfs
+	Tail       []string      // last console lines (for diagnostics)
+}
+
+const tailLines = 40
+
+var ansiEscape = regexp.MustCompile(`\x1b(\[[0-9;?]*[A-Za-z]|c)`)
+
+func (o *Options) defaults() {
+	if o.QEMU == "" {
+		o.QEMU = "qemu-system-x86_64"
+	}
+	if o.Mem == "" {
+		o.Mem = "6G"
+	}
+	if o.CPUs <= 0 {
+		o.CPUs = 2
+	}
+	if o.Machine == "" {
+		o.Machine = "pc"
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = 20 * time.Minute
+	}
+	if o.Output == nil {
+		o.Output = io.Discard
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+}
+
+// BuildImage assembles the L1 initramfs: busybox with applet links, the
+// decompressed modules, /init, the payload and spec.Files.
+func BuildImage(ctx context.Context, host *Host, spec Spec) (*Image, error) {
+	im := spec.Files
+	if im == nil {
+		im = NewImage()
+	}
+	for _, d := range []string{"/proc", "/sys", "/dev", "/tmp", "/root", "/etc", "/lab"} {
+		if err := im.AddDir(d); err != nil {
+			return nil, err
+		}
+	}
+	if err := im.AddHost("/bin/busybox", host.Busybox); err != nil {
+		return nil, err
+	}
+	out, err := exec.CommandContext(ctx, host.Busybox, "--list-full").Output()
+	if err != nil {
+		return nil, fmt.Errorf("nestlab: %s --list-full: %w", host.Busybox, err)
+	}
+	for _, a := range strings.Fields(string(out)) {
+		if a == "bin/busybox" {
+			continue
+		}
+		if err := im.AddSymlink("/"+a, "/bin/busybox"); err != nil {
+			return nil, err
+		}
+	}
+	var mods []InitModule
+	for _, m := range host.Modules {
+		data, err := ReadModule(ctx, m)
+		if err != nil {
+			return nil, err
+		}
+		p := path.Join(GuestModuleDir, m.Name+".ko")
+		if err := im.AddFile(p, 0o644, data); err != nil {
+			return nil, err
+		}
+		mods = append(mods, InitModule{Path: p, Params: spec.ModuleParams[m.Name]})
+	}
+	env := append([]string{"KVMKIT_NESTLAB=1"}, spec.Env...)
+	initScript := InitScript(InitConfig{Modules: mods, Env: env, Workdir: spec.Workdir, Payload: GuestPayload})
+	if err := im.AddFile("/init", 0o755, []byte(initScript)); err != nil {
+		return nil, err
+	}
+	if err := im.AddFile(GuestPayload, 0o755, []byte(spec.Payload)); err != nil {
+		return nil, err
+	}
+	return im, nil
+}
+
+// Boot builds the initramfs, boots L1 under QEMU TCG with an emulated SVM
+// CPU, streams the serial console and returns when QEMU exits. A nil error
+// means the payload ran; its status is Result.ExitCode. The timeout and
+// ctx both kill QEMU.
+func Boot(ctx context.Context, host *Host, spec Spec, opts Options) (*Result, error) {
+	opts.defaults()
+	im, err := BuildImage(ctx, host, spec)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(opts.TempDir, "nestlab-*.cpio")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(f.Name())
+	bw := bufio.NewWriterSize(f, 1<<20)
+	n, err := im.WriteTo(bw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("nestlab: writing initramfs: %w", err)
+	}
+	res, err := runQEMU(ctx, host.Kernel, f.Name(), opts)
+	if res != nil {
+		res.ImageBytes = n
+	}
+	return res, err
+}
+
+// QEMUArgs returns the QEMU command line for booting kernel with initrd.
+func QEMUArgs(opts Options, kernel, initrd string) []string {
+	opts.defaults()
+	cmdline := "console=ttyS0 panic=-1 oops=panic quiet loglevel=3 mitigations=off nokaslr"
+	if opts.Cmdline != "" {
+		cmdline += " " + opts.Cmdline
+	}
+	return []string{
+		"-accel", "tcg,thread=multi",
+		"-cpu", "max",
+		"-machine", opts.Machine,
+		"-smp", fmt.Sprint(opts.CPUs),
+		"-m", opts.Mem,
+		"-nodefaults", "-no-user-config",
+		"-display", "none",
+		"-serial", "stdio",
+		"-monitor", "none",
+		"-no-reboot",
+		"-kernel", kernel,
+		"-initrd", initrd,
+		"-append", cmdline,
+	}
+}
+
+func runQEMU(ctx context.Context, kernel, initrd string, opts Options) (*Result, error) {
+	tctx, cancel := context.WithTimeout(ctx, opts.Timeout)
+	defer cancel()
+	args := QEMUArgs(opts, kernel, initrd)
+	opts.Logger.Info("booting L1", "qemu", opts.QEMU, "args", strings.Join(args, " "))
+	cmd := exec.CommandContext(tctx, opts.QEMU, args...)
+	cmd.WaitDelay = 5 * time.Second
+	var stderr bytes.Buffer
+	cmd.Stderr = &limitedBuffer{buf: &stderr, max: 64 << 10}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, &BootError{Kind: ErrQEMU, Reason: err.Error()}
+	}
+	res := &Result{}
+	w := &watcher{opts: opts, res: res, start: start}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		w.read(stdout)
+	}()
+	wg.Wait()
+	werr := cmd.Wait()
+	res.Wall = time.Since(start)
+	res.Tail = w.tail
+
+	switch {
+	case ctx.Err() != nil:
+		return res, &BootError{Kind: ErrCanceled, Reason: "QEMU killed: " + context.Cause(ctx).Error()}
+	case tctx.Err() != nil:
+		return res, &BootError{Kind: ErrTimeout, Reason: fmt.Sprintf("no exit after %v; QEMU killed", opts.Timeout)}
+	case w.labErr != "":
+		return res, &BootError{Kind: ErrNoKVM, Reason: w.labErr}
+	case w.exited:
+		res.ExitCode = w.code
+		return res, nil
+	case w.panic != "":
+		return res, &BootError{Kind: ErrCrashed, Reason: w.panic}
+	case werr != nil:
+		return res, &BootError{Kind: ErrQEMU, Reason: fmt.Sprintf("%v: %s", werr, lastLine(stderr.String()))}
+	}
+	reason := "QEMU exited before the payload reported its status"
+	if !w.booted {
+		reason = "L1 never reached /init"
+	}
+	if s := lastLine(stderr.String()); s != "" {
+		reason += ": " + s
+	}
+	return res, &BootError{Kind: ErrCrashed, Reason: reason}
+}
+
+// watcher consumes the serial console.
+type watcher struct {
+	opts    Options
+	res     *Result
+	start   time.Time
+	tail    []string
+	booted  bool
+	started bool
+	exited  bool
+	code    int
+	labErr  string
+	panic   string
+}
+
+func (w *watcher) read(r io.Reader) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			w.line(string(line))
+		}
+		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+			return
+		}
+	}
+}
+
+func (w *watcher) line(raw string) {
+	s := ansiEscape.ReplaceAllString(strings.TrimRight(raw, "\r\n"), "")
+	s = strings.ReplaceAll(s, "\r", "")
+	w.tail = append(w.tail, s)
+	if len(w.tail) > tailLines {
+		w.tail = w.tail[1:]
+	}
+	if i := strings.Index(s, "Kernel panic - not syncing"); i >= 0 {
+		w.panic = strings.TrimSpace(s[i:])
+	}
+	m, isMarker := ParseMarker(s)
+	if isMarker {
+		switch m.Kind {
+		case MarkerBoot:
+			w.booted = true
+			w.res.BootAt = time.Since(w.start)
+		case MarkerStart:
+			w.started = true
+			w.res.StartAt = time.Since(w.start)
+		case MarkerExit:
+			w.exited, w.code = true, m.Code
+		case MarkerError:
+			w.labErr = m.Value
+		}
+		if w.opts.OnMarker != nil {
+			w.opts.OnMarker(m)
+		}
+	}
+	if w.opts.PayloadOnly && (isMarker || !w.started || w.exited) {
+		return
+	}
+	fmt.Fprintln(w.opts.Output, s)
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		s = s[i+1:]
+	}
+	return s
+}
+
+// limitedBuffer keeps at most max bytes (the rest is dropped).
+type limitedBuffer struct {
+	buf *bytes.Buffer
+	max int
+}
+
+func (l *limitedBuffer) Write(p []byte) (int, error) {
+	if room := l.max - l.buf.Len(); room > 0 {
+		if len(p) > room {
+			l.buf.Write(p[:room])
+		} else {
+			l.buf.Write(p)
+		}
+	}
+	return len(p), nil
+}
