@@ -1,12 +1,9 @@
 package kvm
 
 import (
-	"errors"
 	"fmt"
 	"math/bits"
 	"unsafe"
-
-	"golang.org/x/sys/unix"
 )
 
 // DirtyLog tracks the pages the guest writes, per memory slot. It uses
@@ -14,9 +11,9 @@ import (
 // KVM_CLEAR_DIRTY_LOG where the kernel has it, and the legacy
 // KVM_GET_DIRTY_LOG (which clears as it reads) otherwise.
 //
-// Harvest returns, for one slot, the pages dirtied since the last Harvest
-// (the first Harvest after Start returns every page: the caller has not
-// copied anything yet).
+// Harvest returns, for one slot, the pages written since the last Harvest
+// or, the first time, since StartDirtyLog returned: tracking starts with
+// every page clean.
 type DirtyLog struct {
 	vm     *VM
 	manual bool
@@ -24,9 +21,8 @@ type DirtyLog struct {
 }
 
 type dirtySlot struct {
-	pages   uint64
-	bitmap  []uint64
-	started bool // first harvest not yet done
+	pages  uint64
+	bitmap []uint64
 }
 
 // EnableManualDirtyLog turns on KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 for the
@@ -46,6 +42,7 @@ func (vm *VM) EnableManualDirtyLog() (bool, error) {
 	}
 	vm.mu.Lock()
 	vm.manualDirty = true
+	vm.dirtyInitSet = flags&dirtyLogInitiallySet != 0
 	vm.mu.Unlock()
 	return true, nil
 }
@@ -54,7 +51,7 @@ func (vm *VM) EnableManualDirtyLog() (bool, error) {
 // tracker.
 func (vm *VM) StartDirtyLog(slots ...uint32) (*DirtyLog, error) {
 	vm.mu.Lock()
-	manual := vm.manualDirty
+	manual, initSet := vm.manualDirty, vm.dirtyInitSet
 	vm.mu.Unlock()
 	d := &DirtyLog{vm: vm, manual: manual, slots: map[uint32]*dirtySlot{}}
 	for _, slot := range slots {
@@ -70,7 +67,19 @@ func (vm *VM) StartDirtyLog(slots ...uint32) (*DirtyLog, error) {
 			return nil, fmt.Errorf("dirty log: enable on slot %d: %w", slot, err)
 		}
 		pages := uint64(len(s.host)) / PageSize
-		d.slots[slot] = &dirtySlot{pages: pages, bitmap: make([]uint64, (pages+63)/64), started: true}
+		ds := &dirtySlot{pages: pages, bitmap: make([]uint64, (pages+63)/64)}
+		d.slots[slot] = ds
+		if manual && initSet {
+			// INITIALLY_SET reports every page dirty and leaves them
+			// writable; clear them all so tracking starts clean.
+			for i := range ds.bitmap {
+				ds.bitmap[i] = ^uint64(0)
+			}
+			if err := d.clear(slot, ds); err != nil {
+				d.Stop()
+				return nil, err
+			}
+		}
 	}
 	return d, nil
 }
@@ -89,16 +98,6 @@ func (d *DirtyLog) Harvest(slot uint32) ([]uint64, error) {
 	dl := dirtyLog{Slot: slot, Bitmap: uint64(uintptr(unsafe.Pointer(&s.bitmap[0])))}
 	if _, err := ioctlRetry(d.vm.fd, kvmGetDirtyLog, ptr(&dl), "KVM_GET_DIRTY_LOG"); err != nil {
 		return nil, err
-	}
-	if s.started {
-		// Nothing has been copied yet: everything counts as dirty.
-		for i := range s.bitmap {
-			s.bitmap[i] = ^uint64(0)
-		}
-		if rem := s.pages % 64; rem != 0 {
-			s.bitmap[len(s.bitmap)-1] = (1 << rem) - 1
-		}
-		s.started = false
 	}
 	if d.manual {
 		if err := d.clear(slot, s); err != nil {
@@ -120,11 +119,10 @@ func (d *DirtyLog) clear(slot uint32, s *dirtySlot) error {
 		NumPages:  uint32(s.pages),
 		Bitmap:    uint64(uintptr(unsafe.Pointer(&s.bitmap[0]))),
 	}
-	_, err := ioctlRetry(d.vm.fd, kvmClearDirtyLog, ptr(&c), "KVM_CLEAR_DIRTY_LOG")
-	if errors.Is(err, unix.EINVAL) {
+	if _, err := ioctlRetry(d.vm.fd, kvmClearDirtyLog, ptr(&c), "KVM_CLEAR_DIRTY_LOG"); err != nil {
 		return fmt.Errorf("clear dirty log of slot %d: %w", slot, err)
 	}
-	return err
+	return nil
 }
 
 // Stop turns dirty logging off for every tracked slot.

@@ -13,7 +13,7 @@ var ErrNoKVM = errors.New("KVM is not available")
 // IoctlError names the ioctl that failed and wraps its errno, so that
 // errors.Is(err, unix.EINVAL) works.
 type IoctlError struct {
-	Op  string      // ioctl name, e.g. "KVM_SET_USER_MEMORY_REGION"
+	Op  string     // ioctl name, e.g. "KVM_SET_USER_MEMORY_REGION"
 	Err unix.Errno // the errno
 }
 

@@ -165,4 +165,3 @@ func (s *System) CreateVM(opts VMOptions) (*VM, error) {
 	vm := &VM{fd: int(r), sys: s, slots: map[uint32]*memSlot{}}
 	return vm, nil
 }
-

@@ -13,11 +13,12 @@ type VM struct {
 	fd  int
 	sys *System
 
-	mu    sync.Mutex
+	mu       sync.Mutex
 	slots    map[uint32]*memSlot
 	readable []uint32 // MSRs a vCPU of this VM can read, probed once
 
-	manualDirty bool // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled
+	manualDirty  bool // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled
+	dirtyInitSet bool // ... with KVM_DIRTY_LOG_INITIALLY_SET
 }
 
 type memSlot struct {

@@ -166,3 +166,39 @@ func (ws Workers) Stop() {
 		}
 	}
 }
+
+// Runner holds a device's running workers and implements the lifecycle
+// methods of Device on them. Devices embed it: QueueNotify kicks worker i,
+// Reset stops all workers, Pause and Resume pause and resume them.
+type Runner struct {
+	mu sync.Mutex
+	ws Workers
+}
+
+// Start records the workers of a newly activated device, stopping any
+// previous ones.
+func (r *Runner) Start(ws Workers) {
+	r.mu.Lock()
+	old := r.ws
+	r.ws = ws
+	r.mu.Unlock()
+	old.Stop()
+}
+
+func (r *Runner) workers() Workers {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ws
+}
+
+// QueueNotify wakes the worker of queue i.
+func (r *Runner) QueueNotify(i int) { r.workers().Kick(i) }
+
+// Reset stops all workers.
+func (r *Runner) Reset() { r.Start(nil) }
+
+// Pause pauses all workers.
+func (r *Runner) Pause() { r.workers().Pause() }
+
+// Resume resumes all workers.
+func (r *Runner) Resume() { r.workers().Resume() }

@@ -319,3 +319,28 @@ func (d *Driver) WaitNeedsReset(ctx context.Context) error {
 	}
 	return nil
 }
+
+// NewRawQueue lays out a queue of size entries in guest memory without
+// telling any transport, for testing virtio.Queue directly.
+func (d *Driver) NewRawQueue(size uint16) *Queue {
+	n := uint64(size)
+	q := &Queue{d: d, Size: size}
+	q.Desc = d.Alloc(16*n, 16)
+	q.Avail = d.Alloc(6+2*n, 2)
+	q.Used = d.Alloc(6+8*n, 4)
+	return q
+}
+
+// SetAvailFlags writes avail.flags.
+func (q *Queue) SetAvailFlags(v uint16) {
+	var b [2]byte
+	binary.LittleEndian.PutUint16(b[:], v)
+	q.d.Mem.WriteAt(b[:], int64(q.Avail))
+}
+
+// UsedFlags reads used.flags.
+func (q *Queue) UsedFlags() uint16 {
+	var b [2]byte
+	q.d.Mem.ReadAt(b[:], int64(q.Used))
+	return binary.LittleEndian.Uint16(b[:])
+}

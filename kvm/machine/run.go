@@ -1,0 +1,117 @@
+package machine
+
+import (
+	"context"
+	"errors"
+
+	"github.com/kvmkit/kvmkit/kvm"
+)
+
+// ErrNotRunning is returned by Pause and Resume when the machine is not
+// running.
+var ErrNotRunning = errors.New("machine is not running")
+
+// Start starts the vCPUs in the background. Wait returns how the run ended.
+func (m *Machine) Start(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("machine: closed")
+	}
+	if m.runner != nil {
+		return errors.New("machine: already started")
+	}
+	r := kvm.NewRunner(m.vcpus, kvm.RunnerOptions{PIO: m.pio, MMIO: m.mmio, Logger: m.log})
+	m.runner = r
+	m.runDone = make(chan struct{})
+	done := m.runDone
+	go func() {
+		res, err := r.Run(ctx)
+		if err != nil && m.console != nil {
+			var gc *kvm.GuestCrash
+			if errors.As(err, &gc) && gc.Console == nil {
+				gc.Console = m.console.Lines()
+			}
+		}
+		if m.uart != nil {
+			_ = m.uart.Flush()
+		}
+		m.mu.Lock()
+		m.result, m.runErr = res, err
+		m.mu.Unlock()
+		close(done)
+	}()
+	return nil
+}
+
+// Wait blocks until the run started by Start ends, and returns its result
+// (see kvm.Runner.Run).
+func (m *Machine) Wait() (kvm.Result, error) {
+	m.mu.Lock()
+	done := m.runDone
+	m.mu.Unlock()
+	if done == nil {
+		return kvm.Result{}, ErrNotRunning
+	}
+	<-done
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.result, m.runErr
+}
+
+// Run starts the machine and waits for it: the guest's exit-port code,
+// power-off or reset come back as a Result; a crash as a *kvm.GuestCrash;
+// a canceled ctx as ctx.Err().
+func (m *Machine) Run(ctx context.Context) (kvm.Result, error) {
+	if err := m.Start(ctx); err != nil {
+		return kvm.Result{}, err
+	}
+	return m.Wait()
+}
+
+// Runner returns the run loop, or nil before Start.
+func (m *Machine) Runner() *kvm.Runner {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.runner
+}
+
+// Pause stops all vCPUs outside the guest; see kvm.Runner.Pause.
+func (m *Machine) Pause(ctx context.Context) error {
+	r := m.Runner()
+	if r == nil {
+		return ErrNotRunning
+	}
+	return r.Pause(ctx)
+}
+
+// Resume restarts vCPUs after Pause.
+func (m *Machine) Resume() error {
+	r := m.Runner()
+	if r == nil {
+		return ErrNotRunning
+	}
+	return r.Resume()
+}
+
+// Stop ends the run as if the guest had stopped with res.
+func (m *Machine) Stop(res kvm.Result) { m.stop(res) }
+
+// Throttle holds vCPUs out of the guest for a fraction of the time.
+func (m *Machine) Throttle(fraction float64) {
+	if r := m.Runner(); r != nil {
+		r.Throttle(fraction)
+	}
+}
+
+func (m *Machine) stop(res kvm.Result) {
+	if r := m.Runner(); r != nil {
+		r.Stop(res)
+	}
+}
+
+func (m *Machine) fail(err error) {
+	if r := m.Runner(); r != nil {
+		r.Fail(err)
+	}
+}
