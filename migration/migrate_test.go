@@ -202,7 +202,7 @@ func TestMigrateTargetFailures(t *testing.T) {
 }
 
 func TestMigrateSourceDirtyLogFailure(t *testing.T) {
-	o := migrate(t, pipePair, migrationtest.Options{DirtyRate: 5000, FailDirtyBitmap: 3}, migrationtest.Options{}, migration.Options{}, nil, nil)
+	o := migrate(t, pipePair, migrationtest.Options{DirtyRate: 5000, FailDirtyBitmap: 1}, migrationtest.Options{}, migration.Options{}, nil, nil)
 	requireSourceKept(t, o, "")
 	assert.ErrorContains(t, o.srcErr, "injected dirty bitmap failure")
 	var re *migration.RemoteError

@@ -72,7 +72,10 @@ type Config struct {
 	// host IDs that the jail's root is mapped to.
 	UID, GID int
 	// UserNS adds a user namespace; the program then runs as uid 0 inside
-	// it, which is UID outside, with no capabilities.
+	// it, which is UID outside, with no capabilities. The jail is then
+	// built by that unprivileged UID: Dir, its parents and every bind
+	// source must be reachable by it, and devices are bind-mounted rather
+	// than created.
 	UserNS bool
 	// Devices to provide; DefaultDevices when nil.
 	Devices []Device

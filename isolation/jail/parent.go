@@ -57,6 +57,19 @@ func Command(cfg Config, args []string) (*Cmd, error) {
 	if args == nil {
 		args = os.Args[1:]
 	}
+	// A dynamically linked executable needs its loader and libraries
+	// inside the jail at exec time.
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("jail: find own executable: %w", err)
+	}
+	deps, err := ELFDeps(exe)
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range deps {
+		cfg.Binds = append(cfg.Binds, Bind{Source: d, Target: d})
+	}
 	c := &Cmd{cfg: cfg}
 	cc, err := c.prepare()
 	if err != nil {
@@ -74,6 +87,9 @@ func Command(cfg Config, args []string) (*Cmd, error) {
 		c.SysProcAttr.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: cfg.UID, Size: 1}}
 		c.SysProcAttr.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: cfg.GID, Size: 1}}
 		c.SysProcAttr.GidMappingsEnableSetgroups = false
+		// The clone keeps the parent's (unmapped) IDs: become the mapped
+		// root so that the child has its capabilities inside the namespace.
+		c.SysProcAttr.Credential = &syscall.Credential{Uid: 0, Gid: 0, NoSetGroups: true}
 	}
 	c.SysProcAttr.Cloneflags = uintptr(flags)
 	c.pending = cc

@@ -295,4 +295,3 @@ func placeInitrd(ram []kvm.RegionSpec, size, low, limit uint64) (uint64, error) 
 	}
 	return best, nil
 }
-

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"runtime"
 	"strings"
 	"sync"
@@ -138,7 +139,7 @@ func TestUARTInterruptLine(t *testing.T) {
 		{"THRE raised on THR write, cleared by IIR read", []step{
 			{"OUT2", func(_ *UART, p port) { p.out(uartMCR, mcrOUT2) }, 0xFF, nil},
 			{"enable THRI", func(_ *UART, p port) { p.out(uartIER, ierTHRI) }, 0xFF, []bool{true}},
-			{"IIR read clears THRE", func(_ *UART, p port) { assert.Equal(t, uint8(iirTHRI), p.in(uartIIR)) }, iirNoInt, []bool{false}},
+			{"IIR read clears THRE", func(_ *UART, p port) { assert.Equal(t, uint8(iirTHRI), p.in(uartIIR)&0x0F) }, iirNoInt, []bool{false}},
 			{"THR write raises it again", func(_ *UART, p port) { p.out(uartRBR, 'a') }, 0xFF, []bool{true}},
 			{"THR write while pending makes an edge", func(_ *UART, p port) { p.out(uartRBR, 'b') }, iirTHRI, []bool{false, true}},
 			{"IIR read", func(_ *UART, p port) {}, iirNoInt, []bool{false}},
@@ -350,7 +351,7 @@ func (f failWriter) Write([]byte) (int, error) { return 0, f.err }
 
 func TestUARTSinkError(t *testing.T) {
 	boom := errors.New("pipe closed")
-	u, p := newTestUART(t, UARTConfig{Name: "COM1", Out: failWriter{boom}})
+	u, p := newTestUART(t, UARTConfig{Name: "COM1", Out: failWriter{boom}, Logger: slog.New(slog.DiscardHandler)})
 	p.out(uartRBR, 'x')
 	err := u.Flush()
 	var se *SinkError

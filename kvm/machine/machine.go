@@ -63,6 +63,10 @@ type Config struct {
 	Device string
 	// System, if set, is used instead of opening Device.
 	System *kvm.System
+	// Memory, if set, is used as guest RAM (the machine takes ownership);
+	// its layout must equal RAMLayout(MemSize). Restore uses it to run on
+	// a snapshot's lazily mapped memory file.
+	Memory *kvm.Memory
 	// Logger receives diagnostics (default slog.Default()).
 	Logger *slog.Logger
 	// PanicPatterns are console regexps that count as a guest crash
@@ -102,10 +106,12 @@ type Machine struct {
 	devNames  []string
 	stateDevs map[string]StateSaver
 	closed    bool
+
+	manualTried bool
 }
 
 // New creates the VM, its memory, vCPUs and platform devices.
-func New(cfg Config) (m *Machine, err error) {
+func New(cfg Config) (_ *Machine, err error) {
 	if cfg.MemSize == 0 {
 		cfg.MemSize = DefaultMemSize
 	}
@@ -118,14 +124,13 @@ func New(cfg Config) (m *Machine, err error) {
 	if cfg.CPUs < 1 || cfg.CPUs > 64 {
 		return nil, fmt.Errorf("machine: %d vCPUs: want 1..64", cfg.CPUs)
 	}
-	m = &Machine{cfg: cfg, log: cfg.Logger, pio: kvm.NewBus(), mmio: kvm.NewBus()}
+	m := &Machine{cfg: cfg, log: cfg.Logger, pio: kvm.NewBus(), mmio: kvm.NewBus()}
 	if m.log == nil {
 		m.log = slog.Default()
 	}
 	defer func() {
 		if err != nil {
 			m.Close()
-			m = nil
 		}
 	}()
 	if cfg.System != nil {
@@ -142,8 +147,12 @@ func New(cfg Config) (m *Machine, err error) {
 	if err = m.setupPlatform(); err != nil {
 		return nil, err
 	}
-	mem, err := kvm.NewMemory(RAMLayout(cfg.MemSize), kvm.MemoryOptions{Memfd: !cfg.AnonymousMemory, Name: "kvmkit-ram"})
-	if err != nil {
+	mem := cfg.Memory
+	if mem == nil {
+		if mem, err = kvm.NewMemory(RAMLayout(cfg.MemSize), kvm.MemoryOptions{Memfd: !cfg.AnonymousMemory, Name: "kvmkit-ram"}); err != nil {
+			return nil, err
+		}
+	} else if err = checkLayout(mem, cfg.MemSize); err != nil {
 		return nil, err
 	}
 	if err = m.adoptMemory(mem); err != nil {
@@ -157,6 +166,20 @@ func New(cfg Config) (m *Machine, err error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+func checkLayout(mem *kvm.Memory, size uint64) error {
+	want := RAMLayout(size)
+	got := mem.Regions()
+	if len(got) != len(want) {
+		return fmt.Errorf("machine: memory has %d regions, layout for %d bytes has %d", len(got), size, len(want))
+	}
+	for i, w := range want {
+		if got[i].GPA != w.GPA || uint64(len(got[i].Host)) != w.Size {
+			return fmt.Errorf("machine: memory region %d is [%#x,+%#x), want [%#x,+%#x)", i, got[i].GPA, len(got[i].Host), w.GPA, w.Size)
+		}
+	}
+	return nil
 }
 
 // RAMLayout splits size bytes of RAM around the 32-bit MMIO hole.
