@@ -3,6 +3,7 @@ module github.com/kvmkit/kvmkit
 go 1.26.3
 
 require (
+	github.com/cyphar/filepath-securejoin v0.5.1 // indirect
 	github.com/davecgh/go-spew v1.1.2-0.20180830191138-d8f796af33cc // indirect
 	github.com/elastic/go-seccomp-bpf v1.6.0 // indirect
 	github.com/google/btree v1.1.2 // indirect

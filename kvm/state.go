@@ -1,11 +1,6 @@
 package kvm
 
-import (
-	"errors"
-	"fmt"
-
-	"golang.org/x/sys/unix"
-)
+import "fmt"
 
 // VCPUState is everything KVM keeps for one vCPU, as plain values that can
 // be encoded and compared. SaveState and RestoreState move it in the order
@@ -73,13 +68,9 @@ func (c *VCPU) SaveState() (*VCPUState, error) {
 	step("xsave", func() (e error) { s.XSave, e = c.XSave(); return })
 	step("xcrs", func() (e error) { s.XCRs, e = c.XCRs(); return })
 	step("debug regs", func() (e error) { s.DebugRegs, e = c.DebugRegs(); return })
-	step("lapic", func() (e error) {
-		s.LAPIC, e = c.LAPIC()
-		if errors.Is(e, unix.ENXIO) { // no in-kernel LAPIC
-			e = nil
-		}
-		return
-	})
+	if c.vm.HasIRQChip() { // the LAPIC is in the kernel only with an irqchip
+		step("lapic", func() (e error) { s.LAPIC, e = c.LAPIC(); return })
+	}
 	step("msrs", func() error {
 		idx, e := c.readableMSRs()
 		if e != nil {
@@ -139,7 +130,10 @@ func (c *VCPU) RestoreState(s *VCPUState) error {
 		}
 		return c.SetLAPIC(s.LAPIC)
 	})
-	step("msrs", func() error { return c.SetMSRs(s.MSRs) })
+	step("msrs", func() error {
+		_, err := c.SetMSRsBestEffort(s.MSRs)
+		return err
+	})
 	step("events", func() error { return c.SetVCPUEvents(s.Events) })
 	return err
 }

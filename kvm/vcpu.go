@@ -200,6 +200,31 @@ func (c *VCPU) SetMSRs(entries []MSREntry) error {
 	return nil
 }
 
+// SetMSRsBestEffort writes entries with KVM_SET_MSRS, skipping any MSR
+// KVM refuses (some paravirtual MSRs read back values KVM will not take
+// from user space in every state) and returning the skipped indices. An
+// ioctl failure is still an error.
+func (c *VCPU) SetMSRsBestEffort(entries []MSREntry) (skipped []uint32, err error) {
+	for len(entries) > 0 {
+		if len(entries) > maxMSRs {
+			return skipped, fmt.Errorf("KVM_SET_MSRS: %d MSRs, at most %d", len(entries), maxMSRs)
+		}
+		b := new(msrsBuf)
+		b.N = uint32(len(entries))
+		copy(b.Entries[:], entries)
+		r, err := ioctlRetry(c.fd, kvmSetMSRs, ptr(b), "KVM_SET_MSRS")
+		if err != nil {
+			return skipped, err
+		}
+		if int(r) >= len(entries) {
+			return skipped, nil
+		}
+		skipped = append(skipped, entries[r].Index)
+		entries = entries[r+1:]
+	}
+	return skipped, nil
+}
+
 // LAPIC issues KVM_GET_LAPIC.
 func (c *VCPU) LAPIC() (LAPICState, error) {
 	var l LAPICState

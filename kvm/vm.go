@@ -17,6 +17,7 @@ type VM struct {
 	slots    map[uint32]*memSlot
 	readable []uint32 // MSRs a vCPU of this VM can read, probed once
 
+	irqchip      bool // KVM_CREATE_IRQCHIP done
 	manualDirty  bool // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled
 	dirtyInitSet bool // ... with KVM_DIRTY_LOG_INITIALLY_SET
 }
@@ -104,8 +105,20 @@ func (vm *VM) AddMemory(mem *Memory, first uint32, flags uint32) error {
 
 // CreateIRQChip issues KVM_CREATE_IRQCHIP (PIC x2, IOAPIC, LAPICs in kernel).
 func (vm *VM) CreateIRQChip() error {
-	_, err := ioctlRetry(vm.fd, kvmCreateIRQChip, 0, "KVM_CREATE_IRQCHIP")
-	return err
+	if _, err := ioctlRetry(vm.fd, kvmCreateIRQChip, 0, "KVM_CREATE_IRQCHIP"); err != nil {
+		return err
+	}
+	vm.mu.Lock()
+	vm.irqchip = true
+	vm.mu.Unlock()
+	return nil
+}
+
+// HasIRQChip reports whether CreateIRQChip succeeded on this VM.
+func (vm *VM) HasIRQChip() bool {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	return vm.irqchip
 }
 
 // PIT2 flags.

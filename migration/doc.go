@@ -33,13 +33,20 @@
 //	header(source) Config          ->
 //	                               <-       header(target) Ready | Error
 //	Pages... RoundEnd(0)           ->       (full pass, zero pages as markers)
+//	                               <-       RoundAck(0) (round applied)
 //	Pages... RoundEnd(n)           ->       (pages dirtied since the last round)
+//	                               <-       RoundAck(n)
 //	-- source pauses vCPUs --
 //	Paused                         ->       (target starts its downtime clock)
 //	Pages... RoundEnd(final) State Complete ->
 //	                               <-       Ack{target downtime, resume time}
 //	                                        (sent right after Target.Resume)
 //	Done                           ->       (target learns the ack arrived)
+//
+// The source waits for each RoundAck before deciding on the next round, so
+// the bandwidth it measures is end to end (network and target included) and
+// no backlog is in flight when it pauses: the estimate of the final pass is
+// not fooled by socket buffers or a slow target.
 //
 // Either side may send Error{message} instead of its next record; the peer
 // then fails. Until the source reads the Ack it owns the VM: any failure

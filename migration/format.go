@@ -44,7 +44,7 @@ func kindName(k uint32) string {
 type RecordType uint32
 
 // Record types. Source→target: Config, Pages, RoundEnd, Paused, State,
-// Complete, Done. Target→source: Ready, Ack. Both: Error. Snapshot state
+// Complete, Done. Target→source: Ready, RoundAck, Ack. Both: Error. Snapshot state
 // file: SnapshotInfo, Config, PageBitmap, State, Complete.
 const (
 	RecConfig       RecordType = 1  // encoded Config
@@ -57,6 +57,7 @@ const (
 	RecReady        RecordType = 16 // target prepared: send memory
 	RecAck          RecordType = 17 // target resumed: timings
 	RecError        RecordType = 18 // the sender failed: message
+	RecRoundAck     RecordType = 19 // target applied a pre-copy round: number
 	RecSnapshotInfo RecordType = 32 // snapshot kind, IDs, memory file layout
 	RecPageBitmap   RecordType = 33 // diff snapshot: which pages the memory file holds
 )
@@ -83,6 +84,8 @@ func (t RecordType) String() string {
 		return "Ack"
 	case RecError:
 		return "Error"
+	case RecRoundAck:
+		return "RoundAck"
 	case RecSnapshotInfo:
 		return "SnapshotInfo"
 	case RecPageBitmap:
@@ -112,7 +115,7 @@ func maxPayload(t RecordType) (uint32, bool) {
 		return maxConfigPayload, true
 	case RecPages:
 		return maxPagesPayload, true
-	case RecRoundEnd, RecPaused:
+	case RecRoundEnd, RecPaused, RecRoundAck:
 		return 16, true
 	case RecState:
 		return MaxStateSize, true

@@ -45,9 +45,9 @@ func tcpPair(t testing.TB) (net.Conn, net.Conn) {
 }
 
 type outcome struct {
-	src, tgt     *migrationtest.FakeVM
-	stats        migration.Stats
-	rstats       migration.ReceiveStats
+	src, tgt       *migrationtest.FakeVM
+	stats          migration.Stats
+	rstats         migration.ReceiveStats
 	srcErr, tgtErr error
 }
 
@@ -112,7 +112,7 @@ func requireMigrated(t testing.TB, o outcome) {
 	s, r := o.stats, o.rstats
 	total := s.MemoryBytes / kvm.PageSize
 	assert.GreaterOrEqual(t, s.PagesSent+s.ZeroPages, total, "at least every page once")
-	assert.Greater(t, s.ZeroPages, total/5, "zero pages sent as markers")
+	assert.Greater(t, s.ZeroPages, uint64(0), "zero pages sent as markers")
 	assert.Equal(t, s.PagesSent, r.PagesReceived)
 	assert.Equal(t, s.ZeroPages, r.ZeroPages)
 	assert.Equal(t, s.Rounds, r.Rounds)
@@ -123,7 +123,11 @@ func requireMigrated(t testing.TB, o outcome) {
 	assert.LessOrEqual(t, s.TargetDowntime, s.Downtime, "target's part of the downtime is inside the source's")
 	assert.LessOrEqual(t, s.ResumeTime, s.TargetDowntime)
 	assert.GreaterOrEqual(t, s.Total, s.Downtime)
-	assert.Less(t, s.BytesSent, 2*s.MemoryBytes)
+	if s.Throttle == 0 {
+		// A third of the fake's RAM is zero: without throttling, little
+		// more than its data crosses the wire.
+		assert.Less(t, s.BytesSent, 2*s.MemoryBytes)
+	}
 	assert.Equal(t, s.BytesSent, r.BytesReceived, "every byte sent was read")
 	assert.True(t, r.Confirmed)
 	assert.Greater(t, s.StateBytes, 0)

@@ -136,9 +136,11 @@ func (b *pageBatcher) sendRegionPages(r kvm.Region, bm []uint64, check func() er
 }
 
 // applyPages writes the pages of one Pages payload into regions. Every
-// address is checked: aligned, flags known, inside a region. It returns the
-// number of data pages and zero pages applied.
-func applyPages(payload []byte, regions []kvm.Region) (data, zero uint64, err error) {
+// address is checked: aligned, flags known, inside a region. With fresh
+// (the full pass into just-prepared, zero-filled RAM) a zero marker touches
+// nothing, so an idle guest's untouched memory stays unallocated on the
+// target. It returns the number of data pages and zero pages applied.
+func applyPages(payload []byte, regions []kvm.Region, fresh bool) (data, zero uint64, err error) {
 	if len(payload) < 4 {
 		return 0, 0, fmt.Errorf("pages: payload of %d bytes has no count", len(payload))
 	}
@@ -163,9 +165,9 @@ func applyPages(payload []byte, regions []kvm.Region) (data, zero uint64, err er
 			return data, zero, fmt.Errorf("pages: entry %d: guest address %#x is not in guest RAM", i, gpa)
 		}
 		if flags&zeroFlag != 0 {
-			// Fresh memory is already zero: reading it costs no allocation,
-			// writing it would.
-			if !IsZeroPage(dst) {
+			// Checking before clearing avoids dirtying a page that is
+			// already zero.
+			if !fresh && !IsZeroPage(dst) {
 				clear(dst)
 			}
 			zero++

@@ -64,8 +64,9 @@ type Options struct {
 	ThrottleStart, ThrottleStep, MaxThrottle float64
 	// HandshakeTimeout bounds the wait for the target's Ready. Default 30 s.
 	HandshakeTimeout time.Duration
-	// AckTimeout bounds the wait, source paused, from Complete to the
-	// target's Ack; past it the source resumes. Default 10 s.
+	// AckTimeout bounds the wait for each RoundAck and, source paused,
+	// from Complete to the target's Ack; past it the source resumes.
+	// Default 10 s.
 	AckTimeout time.Duration
 	// BatchPages is the number of pages per Pages record, at most
 	// MaxBatchPages (the default).
@@ -240,8 +241,8 @@ func (m *migrator) readReplies(ctx context.Context, cancel context.CancelCauseFu
 			return
 		}
 		switch t {
-		case RecReady:
-			m.replies <- reply{t: t}
+		case RecReady, RecRoundAck:
+			m.replies <- reply{t: t, payload: append([]byte(nil), p...)}
 		case RecAck:
 			m.replies <- reply{t: t, payload: append([]byte(nil), p...)}
 			return
@@ -352,6 +353,15 @@ func (m *migrator) pass(ctx context.Context, round int, all, final bool, dirtyRa
 	}
 	if err := m.flush(); err != nil {
 		return err
+	}
+	if !final {
+		ack, err := m.await(ctx, RecRoundAck, m.opts.AckTimeout)
+		if err != nil {
+			return err
+		}
+		if len(ack) != 8 || binary.LittleEndian.Uint64(ack) != uint64(round) {
+			return &ProtocolError{Record: RecRoundAck, Msg: fmt.Sprintf("target acknowledged %x, expected round %d", ack, round)}
+		}
 	}
 	d := time.Since(t0)
 	rs := RoundStats{
@@ -529,7 +539,9 @@ func (m *migrator) switchover(ctx context.Context) error {
 	m.stats.BytesSent = m.meter.n
 
 	m.phase = PhaseAck
+	tSent := time.Now()
 	ack, err := m.await(ctx, RecAck, m.opts.AckTimeout)
+	m.log.Debug("switch-over", "sent_after", tSent.Sub(tPause), "ack_after", time.Since(tSent))
 	if err != nil {
 		return err
 	}

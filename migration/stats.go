@@ -10,7 +10,7 @@ type RoundStats struct {
 	Pages     uint64        // pages sent with data
 	ZeroPages uint64        // pages sent as zero markers
 	Bytes     uint64        // bytes written to the connection in this pass
-	Duration  time.Duration // harvest + scan + send
+	Duration  time.Duration // scan + send + the target's RoundAck
 	Bandwidth float64       // Bytes / Duration, bytes per second
 	// DirtyRate is the rate at which the guest dirtied pages while the
 	// previous pass ran (pages harvested at this pass's start divided by the

@@ -171,7 +171,7 @@ func (r *receiver) run(parent context.Context) (ReceiveStats, error) {
 			if state != nil {
 				return bad("pages after the state")
 			}
-			d, z, err := applyPages(p, regions)
+			d, z, err := applyPages(p, regions, r.stats.Rounds == 0)
 			r.stats.PagesReceived += d
 			r.stats.ZeroPages += z
 			if err != nil {
@@ -185,6 +185,11 @@ func (r *receiver) run(parent context.Context) (ReceiveStats, error) {
 				return bad(fmt.Sprintf("round %d, expected %d", n, r.stats.Rounds))
 			}
 			r.stats.Rounds++
+			if tPaused.IsZero() {
+				if err := r.send(RecRoundAck, p); err != nil {
+					return r.fail(ctx, err)
+				}
+			}
 		case RecPaused:
 			if !tPaused.IsZero() {
 				return bad("source paused twice")

@@ -58,7 +58,8 @@ type Source interface {
 // source resumes, so the target must discard the guest).
 type Target interface {
 	// Prepare allocates RAM matching cfg (the regions returned must have
-	// cfg's GPAs and sizes, in order, zero filled) and checks that the VM
+	// cfg's GPAs and sizes, in order, and be zero filled: the full pass
+	// skips zero pages without writing them) and checks that the VM
 	// can run here: an incompatible CPUID or device set is an error, whose
 	// message the source sees.
 	Prepare(cfg Config) ([]kvm.Region, error)

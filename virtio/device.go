@@ -179,10 +179,9 @@ type Runner struct {
 // previous ones.
 func (r *Runner) Start(ws Workers) {
 	r.mu.Lock()
-	old := r.ws
+	defer r.mu.Unlock()
+	r.ws.Stop()
 	r.ws = ws
-	r.mu.Unlock()
-	old.Stop()
 }
 
 func (r *Runner) workers() Workers {

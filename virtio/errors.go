@@ -39,6 +39,9 @@ func (e *ChainError) Error() string {
 	if e.Indirect {
 		where = "indirect descriptor"
 	}
+	if e.Addr == 0 && e.Len == 0 {
+		return fmt.Sprintf("virtqueue chain head %d, %s %d: %v", e.Head, where, e.Index, e.Err)
+	}
 	return fmt.Sprintf("virtqueue chain head %d, %s %d (addr %#x len %#x): %v",
 		e.Head, where, e.Index, e.Addr, e.Len, e.Err)
 }

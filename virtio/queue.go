@@ -203,7 +203,7 @@ func (q *Queue) parse(c *Chain, head uint16) error {
 	for {
 		count++
 		if count > limit || len(c.Descs) >= MaxIndirectEntries+int(q.size) {
-			return cerr(ErrChainTooLong, 0, count)
+			return cerr(ErrChainTooLong, 0, 0)
 		}
 		d := table[idx*descSize : idx*descSize+descSize]
 		addr := binary.LittleEndian.Uint64(d[0:])
@@ -258,6 +258,16 @@ func (q *Queue) parse(c *Chain, head uint16) error {
 		if idx >= limit {
 			return cerr(ErrDescIndex, 0, 0)
 		}
+	}
+}
+
+// Rewind gives back the last n popped chains that were not pushed, so that
+// the next Pop returns them again (used when a frame needs more buffers than
+// are available).
+func (q *Queue) Rewind(n uint16) {
+	q.nextAvail -= n
+	if q.eventIdx && q.used != nil {
+		binary.LittleEndian.PutUint16(q.used[ringHeader+usedElemSize*uint64(q.size):], q.nextAvail)
 	}
 }
 

@@ -213,4 +213,3 @@ func trimNL(b []byte) []byte {
 	}
 	return b
 }
-

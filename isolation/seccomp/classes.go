@@ -48,12 +48,16 @@ var ErrBadClass = errors.New("seccomp: unknown thread class")
 // (scheduler, GC, signals, preemption, thread exit, crash output). Traced
 // with `strace -f` on internal/tracework idle, plus the runtime paths a
 // short trace cannot hit, taken from runtime/sys_linux_amd64.s (exit,
-// exit_group, clock_gettime fallback, getrandom, restart_syscall).
+// exit_group, clock_gettime fallback, getrandom, restart_syscall). The
+// second line is what glibc adds when the binary links cgo (threads made
+// by pthread_create: clone3, rseq and robust-list registration, guard-page
+// mprotect, malloc's brk), traced with `-tags tracecgo`.
 var goRuntime = []string{
 	"clock_gettime", "clone", "exit", "exit_group", "futex", "getpid",
 	"getrandom", "gettid", "madvise", "mmap", "munmap", "nanosleep",
 	"restart_syscall", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn",
 	"sched_yield", "sigaltstack", "tgkill", "write", "epoll_pwait",
+	"clone3", "rseq", "set_robust_list", "mprotect", "brk",
 }
 
 // Per-class additions on top of goRuntime, from `strace -f` of

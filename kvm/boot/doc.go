@@ -18,8 +18,12 @@
 //	0x0A000-0x0AFFF  PDPT (long mode)
 //	0x0B000-0x0EFFF  four page directories, 2 MiB pages identity-mapping 4 GiB
 //	0x20000-         kernel command line (NUL terminated)
-//	0x9FC00-0xFFFFF  reserved in the e820 map (EBDA/BIOS area; MP table)
+//	0x9FC00-0xFFFFF  reserved in the e820 map (EBDA/BIOS area): the x86
+//	                 package's MP table (0x9FC00) and ACPI tables (0xE0000)
 //	0x100000-        flat long-mode image, bzImage protected-mode kernel
+//	ELF p_paddr      vmlinux/PVH segments (must be at or above 1 MiB)
+//	top of RAM       initrd, page aligned, as high as possible below 4 GiB
+//	                 and the kernel's initrd_addr_max
 //
 // The TSS descriptor has base 0 and limit 0x67 (the PVH specification's
 // value); no TSS is written to memory, since no privilege change happens

@@ -66,6 +66,7 @@ func FuzzPVH(f *testing.F) {
 	f.Add(makeELF(o), []byte(nil))
 	o.noteInShdr = true
 	f.Add(makeELF(o), []byte(nil))
+	f.Add(makeELF32(0x200000, []byte{0xF4}, 0x200000), []byte("initrd"))
 	mem := fuzzMem(f)
 	f.Fuzz(func(t *testing.T, image, initrd []byte) {
 		e, err := LoadPVH(mem, image, initrd, "console=hvc0", LinuxOptions{})

@@ -19,6 +19,7 @@ type ConfigError struct {
 	Reason string // what is wrong with it
 }
 
+// Error implements error.
 func (e *ConfigError) Error() string {
 	return fmt.Sprintf("%s config: %s %s", e.Device, e.Field, e.Reason)
 }
@@ -32,6 +33,7 @@ type SinkError struct {
 	Err    error
 }
 
+// Error implements error.
 func (e *SinkError) Error() string {
 	return fmt.Sprintf("%s serial %s: %v", e.Device, e.Op, e.Err)
 }

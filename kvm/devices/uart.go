@@ -182,7 +182,8 @@ type UART struct {
 
 var _ kvm.Device = (*UART)(nil)
 
-// NewUART returns a UART in its power-on state.
+// NewUART returns a UART in its power-on state. Call Close when done with
+// it: it stops the goroutine that feeds the sink.
 func NewUART(cfg UARTConfig) (*UART, error) {
 	outCap, err := bufSize("OutBuffer", cfg.OutBuffer)
 	if err != nil {

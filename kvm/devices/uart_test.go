@@ -115,6 +115,18 @@ func TestUARTLinuxStartupTXEN(t *testing.T) {
 	assert.NotZero(t, lsr&lsrTEMT)
 	assert.Equal(t, uint8(0xC0|iirTHRI), iir)
 	assert.Equal(t, []bool{true, false}, irq.take(), "raised on enable, lowered by the IIR read")
+
+	// UART_BUG_THRE probe: THRE must be reasserted after the IIR read
+	// cleared it, when THRI is disabled and enabled again.
+	p.out(uartIER, ierTHRI)
+	iir1 := p.in(uartIIR)
+	p.out(uartIER, 0)
+	p.out(uartIER, ierTHRI)
+	iir2 := p.in(uartIIR)
+	p.out(uartIER, 0)
+	assert.Equal(t, uint8(0xC0|iirTHRI), iir1)
+	assert.Equal(t, uint8(0xC0|iirTHRI), iir2)
+	assert.Equal(t, []bool{true, false, true, false}, irq.take())
 }
 
 func TestUARTInterruptLine(t *testing.T) {

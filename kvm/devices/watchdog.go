@@ -3,6 +3,7 @@ package devices
 import (
 	"context"
 	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +36,7 @@ type StallError struct {
 	Idle     time.Duration // how long it has not changed
 }
 
+// Error implements error.
 func (e *StallError) Error() string {
 	return fmt.Sprintf("guest made no progress for %v (counter stuck at %d since %s)",
 		e.Idle, e.Progress, e.Since.Format(time.RFC3339Nano))
@@ -81,6 +83,29 @@ func NewWatchdog(cfg WatchdogConfig) (*Watchdog, error) {
 // Kick records progress on the Watchdog's own counter. Cheap enough for
 // every VM exit.
 func (w *Watchdog) Kick() { w.counter.Add(1) }
+
+// KickWriter returns an io.Writer that passes writes to next (nil: nowhere)
+// and counts each non-empty one as progress, e.g. between a UART and its
+// sink so that console output keeps the watchdog quiet. It only counts
+// toward the Watchdog's own counter (when Progress is nil).
+func (w *Watchdog) KickWriter(next io.Writer) io.Writer {
+	return kickWriter{w: w, next: next}
+}
+
+type kickWriter struct {
+	w    *Watchdog
+	next io.Writer
+}
+
+func (k kickWriter) Write(p []byte) (int, error) {
+	if len(p) > 0 {
+		k.w.Kick()
+	}
+	if k.next == nil {
+		return len(p), nil
+	}
+	return k.next.Write(p)
+}
 
 // Check samples the progress counter at time now and returns a stall if it
 // has not changed for the timeout. OnStall is called the first time a given

@@ -13,8 +13,8 @@ func ExampleGet() {
 		fmt.Println(err)
 		return
 	}
-	fmt.Printf("%s mode, load at %#x, %d bytes\n", mode, mode.LoadAddr(), len(img))
-	// Output: real mode, load at 0x7c00, 91 bytes
+	fmt.Printf("%s mode, load at %#x, fits: %v\n", mode, mode.LoadAddr(), len(img) <= mode.MaxSize())
+	// Output: real mode, load at 0x7c00, fits: true
 }
 
 func ExampleAll() {

@@ -16,7 +16,9 @@
 // Real mode (ModeReal): the image is loaded at 0x7C00, CS:IP = 0000:7C00,
 // SP = 0x7C00, DS = ES = SS = 0. Real-mode guests use port I/O only.
 //
-// All guests write COM1 (a 16550 at port 0x3F8, polling LSR bit 5 before
+// Unless its description says otherwise (dirty, smp, idle), a guest does
+// its work on vCPU 0 only and parks the other vCPUs (hlt with interrupts
+// off, in a loop). All guests write COM1 (a 16550 at port 0x3F8, polling LSR bit 5 before
 // each byte) and stop the VM by writing their exit code to ExitPort. Guest
 // parameters come from the parameter block at ParamBlockAddr (see Params).
 package guests

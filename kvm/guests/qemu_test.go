@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -39,9 +40,10 @@ type qemuConfig struct {
 	// DataPort into outs to PIOPort: QEMU rejects (and does not log) a
 	// 4-byte write to an unaligned port, which KVM reports fine.
 	patchPorts bool
-	// runFor > 0 means the guest is expected to still run after it;
-	// QEMU is then killed.
-	runFor time.Duration
+	// runFor > 0 means the guest is expected to print waitFor and then
+	// still run for runFor; QEMU is then killed.
+	runFor  time.Duration
+	waitFor string
 }
 
 type qemuResult struct {
@@ -145,11 +147,7 @@ func runQEMU(t *testing.T, cfg qemuConfig) qemuResult {
 	logPath := filepath.Join(dir, "qemu.log")
 	require.NoError(t, os.WriteFile(diskPath, disk, 0o644))
 
-	timeout := 90 * time.Second
-	if cfg.runFor > 0 {
-		timeout = cfg.runFor
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, qemuBin,
 		"-machine", "pc,accel=tcg", "-m", strconv.Itoa(realRAM>>20), "-smp", strconv.Itoa(cfg.ncpus),
@@ -161,17 +159,44 @@ func runQEMU(t *testing.T, cfg qemuConfig) qemuResult {
 		"-D", logPath, "-d", "trace:memory_region_ops_write,guest_errors,cpu_reset",
 	)
 	cmd.Stdin = strings.NewReader(cfg.stdin)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	runErr := cmd.Run()
+	stdout := &syncBuffer{}
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = stdout, &stderr
+	require.NoError(t, cmd.Start())
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+
+	var runErr error
+	if cfg.runFor > 0 {
+		// Wait (however slow the machine) for the guest to print
+		// waitFor, then check it keeps running for runFor.
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+	wait:
+		for !strings.Contains(stdout.String(), cfg.waitFor) {
+			select {
+			case runErr = <-done:
+				break wait
+			case <-tick.C:
+			}
+		}
+		if runErr == nil {
+			select {
+			case runErr = <-done:
+			case <-time.After(cfg.runFor):
+				cancel()
+				<-done
+			}
+		}
+		require.NoError(t, runErr, "guest stopped early or QEMU failed; serial %q; stderr %s", stdout.String(), stderr.String())
+	} else {
+		runErr = <-done
+	}
 	logText, err := os.ReadFile(logPath)
 	require.NoError(t, err)
 
 	res := qemuResult{serial: stdout.String(), pio: map[int][]uint64{}}
-	if cfg.runFor > 0 {
-		require.ErrorIs(t, ctx.Err(), context.DeadlineExceeded,
-			"guest stopped early: %v; serial %q; stderr %s", runErr, res.serial, stderr.String())
-	} else {
+	if cfg.runFor == 0 {
 		require.NoError(t, ctx.Err(), "QEMU timed out; serial %q", res.serial)
 		var exitErr *exec.ExitError
 		switch {
@@ -196,6 +221,24 @@ func runQEMU(t *testing.T, cfg qemuConfig) qemuResult {
 	}
 	res.mmioWrites = len(mmioRE.FindAllString(string(logText), -1))
 	return res
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and concurrent readers.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func requireExit(t *testing.T, res qemuResult, code int) {
@@ -252,7 +295,7 @@ func TestQEMUTripleFault(t *testing.T) {
 
 func TestQEMUIdle(t *testing.T) {
 	needQEMU(t)
-	res := runQEMU(t, qemuConfig{guest: Idle, ncpus: 2, runFor: 10 * time.Second})
+	res := runQEMU(t, qemuConfig{guest: Idle, ncpus: 2, waitFor: "idle\r\n", runFor: 3 * time.Second})
 	assert.Equal(t, "idle\r\n", res.serial)
 }
 

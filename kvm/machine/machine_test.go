@@ -153,7 +153,7 @@ func (d *dataPort) Write(_ uint64, b []byte) {
 	if len(b) == 4 {
 		d.vals = append(d.vals, binary.LittleEndian.Uint32(b))
 	}
-	if len(d.vals) == d.n && d.stop != nil && !d.hit.Swap(true) {
+	if len(d.vals) == d.n && !d.hit.Swap(true) && d.stop != nil {
 		d.stop()
 	}
 }
@@ -170,7 +170,11 @@ func TestSaveRestoreCompute(t *testing.T) {
 		dp := &dataPort{n: 300}
 		require.NoError(t, src.PIO().Register(guests.DataPort, 4, dp))
 		require.NoError(t, src.Start(context.Background()))
-		waitFor(t, func() bool { return dp.hit.Load() })
+		waitFor(t, func() bool { return dp.hit.Load() || src.Runner().Exits() > 1e6 || isDone(src) })
+		if !dp.hit.Load() {
+			_, err := src.Wait()
+			t.Fatalf("compute produced %d values, %d exits; run ended: %v", len(dp.vals), src.Runner().Exits(), err)
+		}
 		require.NoError(t, src.Pause(context.Background()))
 		st, err := src.SaveState()
 		require.NoError(t, err)
@@ -224,6 +228,15 @@ func TestConfigErrors(t *testing.T) {
 	for _, c := range cases {
 		_, err := machine.New(c)
 		assert.Error(t, err)
+	}
+}
+
+func isDone(m *machine.Machine) bool {
+	select {
+	case <-m.Runner().Done():
+		return true
+	default:
+		return false
 	}
 }
 

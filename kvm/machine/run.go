@@ -36,6 +36,9 @@ func (m *Machine) Start(ctx context.Context) error {
 		if m.uart != nil {
 			_ = m.uart.Flush()
 		}
+		if m.console != nil {
+			m.console.EndLine()
+		}
 		m.mu.Lock()
 		m.result, m.runErr = res, err
 		m.mu.Unlock()

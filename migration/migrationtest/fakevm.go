@@ -39,10 +39,15 @@ type Options struct {
 	// WorkingSetPages is the number of pages each vCPU rewrites; default 64.
 	WorkingSetPages int
 	// DirtyRate is the pages each vCPU writes per second of run time; 0
-	// writes as fast as it can.
+	// writes as fast as it can. Like Seed, FillPercent and WorkingSetPages
+	// it is guest behaviour: it travels in the saved state, a target
+	// ignores its own.
 	DirtyRate int
 	// Seed selects the static contents; default 1.
 	Seed uint64
+	// FillPercent is the share of pages outside the working sets that hold
+	// data (the rest are zero); default 67, -1 for none.
+	FillPercent int
 	// CPUID is what this VM offers. As a target, Prepare rejects a config
 	// whose CPUID differs (when both are set).
 	CPUID []byte
@@ -53,6 +58,9 @@ type Options struct {
 	DeviceState []byte
 	// FailLoadState and FailResume make the target fail those steps.
 	FailLoadState, FailResume error
+	// NoResumeCheck skips the memory check and hash a target makes at its
+	// first Resume (they count as downtime: benchmarks skip them).
+	NoResumeCheck bool
 	// FailDirtyBitmap makes DirtyBitmap fail after that many calls (0 never).
 	FailDirtyBitmap int
 }
@@ -69,6 +77,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Seed == 0 {
 		o.Seed = 1
+	}
+	if o.FillPercent == 0 {
+		o.FillPercent = 67
 	}
 	return o
 }
@@ -137,8 +148,9 @@ func NewSource(opts Options) (*FakeVM, error) {
 		p := vm.page(g)
 		if g < uint64(vm.opts.VCPUs)*w {
 			fillPage(p, vm.opts.Seed, g, 0)
-		} else {
-			staticPage(p, vm.opts.Seed, g)
+		} else if !staticZero(vm.opts.Seed, g, vm.opts.FillPercent) {
+			// Fresh RAM is zero: zero pages are left untouched.
+			staticPage(p, vm.opts.Seed, g, vm.opts.FillPercent)
 		}
 	}
 	for i := range vm.cpus {
@@ -228,24 +240,28 @@ func checkPage(b []byte, seed, g, p uint64) error {
 	return nil
 }
 
-// staticPage writes the seeded static contents of page g: a third of the
-// pages are zero, a third half-filled, a third full.
-func staticPage(b []byte, seed, g uint64) {
-	h := mix(seed ^ g*0x9e3779b97f4a7c15)
-	n := 0
-	switch h % 3 {
-	case 0:
+// staticPage writes the seeded static contents of page g: fill percent of
+// the pages hold data (half of them only in their first half), the rest
+// are zero.
+func staticPage(b []byte, seed, g uint64, fill int) {
+	if staticZero(seed, g, fill) {
 		clear(b)
 		return
-	case 1:
+	}
+	h := mix(seed ^ g*0x9e3779b97f4a7c15)
+	n := pageSize
+	if h&(1<<40) != 0 {
 		n = pageSize / 2
-	case 2:
-		n = pageSize
 	}
 	clear(b[n:])
 	for i := 0; i < n; i += 8 {
 		binary.LittleEndian.PutUint64(b[i:], mix(h+uint64(i)))
 	}
+}
+
+// staticZero reports whether static page g is a zero page.
+func staticZero(seed, g uint64, fill int) bool {
+	return fill <= 0 || mix(seed^g*0x9e3779b97f4a7c15)%100 >= uint64(fill)
 }
 
 func (vm *FakeVM) setErr(err error) {
@@ -464,10 +480,12 @@ func (vm *FakeVM) Resume() error {
 		if vm.opts.FailResume != nil {
 			return vm.opts.FailResume
 		}
-		if err := vm.checkMemoryLocked(); err != nil {
-			vm.setErr(err)
+		if !vm.opts.NoResumeCheck {
+			if err := vm.checkMemoryLocked(); err != nil {
+				vm.setErr(err)
+			}
+			vm.resumeH = vm.hashLocked()
 		}
-		vm.resumeH = vm.hashLocked()
 		vm.paused.Store(false)
 		vm.isPaused = false
 		vm.startLocked()
@@ -510,6 +528,8 @@ func (vm *FakeVM) SaveState() ([]byte, error) {
 	b := []byte(stateMagic)
 	b = binary.LittleEndian.AppendUint64(b, vm.opts.Seed)
 	b = binary.LittleEndian.AppendUint64(b, uint64(vm.opts.WorkingSetPages))
+	b = binary.LittleEndian.AppendUint64(b, uint64(vm.opts.DirtyRate))
+	b = binary.LittleEndian.AppendUint64(b, uint64(int64(vm.opts.FillPercent)))
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(vm.cpus)))
 	for _, c := range vm.cpus {
 		b = binary.LittleEndian.AppendUint64(b, c.pass)
@@ -586,14 +606,16 @@ func (vm *FakeVM) LoadState(state []byte) error {
 	if vm.mem == nil || vm.started {
 		return errors.New("fake vm: load state before prepare or after resume")
 	}
-	if len(state) < len(stateMagic)+20 || string(state[:len(stateMagic)]) != stateMagic {
+	if len(state) < len(stateMagic)+36 || string(state[:len(stateMagic)]) != stateMagic {
 		return errors.New("fake vm: state: bad magic")
 	}
 	b := state[len(stateMagic):]
 	seed := binary.LittleEndian.Uint64(b)
 	w := binary.LittleEndian.Uint64(b[8:])
-	n := binary.LittleEndian.Uint32(b[16:])
-	b = b[20:]
+	rate := binary.LittleEndian.Uint64(b[16:])
+	fill := int64(binary.LittleEndian.Uint64(b[24:]))
+	n := binary.LittleEndian.Uint32(b[32:])
+	b = b[36:]
 	if int(n) != len(vm.cpus) || uint64(len(b)) < uint64(n)*16+4 {
 		return fmt.Errorf("fake vm: state: %d vCPUs, config has %d", n, len(vm.cpus))
 	}
@@ -613,7 +635,13 @@ func (vm *FakeVM) LoadState(state []byte) error {
 	if uint64(dl) != uint64(len(b)) {
 		return errors.New("fake vm: state: device state length mismatch")
 	}
-	vm.opts.Seed, vm.opts.WorkingSetPages = seed, int(w)
+	if rate > 1<<30 {
+		return fmt.Errorf("fake vm: state: dirty rate %d out of range", rate)
+	}
+	if fill < -1 || fill > 100 {
+		return fmt.Errorf("fake vm: state: fill percent %d out of range", fill)
+	}
+	vm.opts.Seed, vm.opts.WorkingSetPages, vm.opts.DirtyRate, vm.opts.FillPercent = seed, int(w), int(rate), int(fill)
 	vm.cpus = cpus
 	vm.devState = append([]byte(nil), b...)
 	vm.isPaused = true
@@ -711,7 +739,7 @@ func (vm *FakeVM) checkMemoryLocked() error {
 			}
 			continue
 		}
-		staticPage(want, vm.opts.Seed, g)
+		staticPage(want, vm.opts.Seed, g, vm.opts.FillPercent)
 		if !bytes.Equal(p, want) {
 			return fmt.Errorf("fake vm: memory check: static page %d differs", g)
 		}

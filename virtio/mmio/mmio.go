@@ -404,12 +404,6 @@ func (t *Transport) setLevel(high bool) {
 }
 
 func (t *Transport) needsReset(err error) {
-	for {
-		s := t.status.Load()
-		if t.status.CompareAndSwap(s, s|virtio.StatusDeviceNeedsReset) {
-			break
-		}
-	}
 	t.irqMu.Lock()
 	first := t.lastErr == nil
 	if first {
@@ -421,6 +415,8 @@ func (t *Transport) needsReset(err error) {
 	}
 	t.configGen.Add(1)
 	t.raise(InterruptConfigChange)
+	// Status last: a driver that sees NEEDS_RESET also sees the interrupt.
+	t.status.Or(virtio.StatusDeviceNeedsReset)
 }
 
 // interrupter is the transport's virtio.Interrupt given to the device.

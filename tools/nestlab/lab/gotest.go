@@ -7,7 +7,6 @@ import (
 	"debug/elf"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path"
@@ -198,9 +197,4 @@ func ParseLDD(out []byte) []string {
 		}
 	}
 	return libs
-}
-
-// isExecutable reports whether info describes an executable regular file.
-func isExecutable(info fs.FileInfo) bool {
-	return info.Mode().IsRegular() && info.Mode().Perm()&0o111 != 0
 }

@@ -56,7 +56,10 @@ func ParseMarker(line string) (Marker, bool) {
 	case MarkerBoot, MarkerStart:
 		return m, true
 	case MarkerError:
-		return m, val != "" && end >= 0 && rest[end] == '='
+		if val == "" || rest[end] != '=' {
+			return Marker{}, false
+		}
+		return m, true
 	case MarkerExit:
 		code, err := strconv.Atoi(val)
 		if err != nil || code < 0 || code > 255 || rest[end] != '=' {

@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -237,6 +238,10 @@ func runQEMU(ctx context.Context, kernel, initrd string, opts Options) (*Result,
 	args := QEMUArgs(opts, kernel, initrd)
 	opts.Logger.Info("booting L1", "qemu", opts.QEMU, "args", strings.Join(args, " "))
 	cmd := exec.CommandContext(tctx, opts.QEMU, args...)
+	// QEMU runs in its own process group; cancellation kills the group so
+	// nothing it spawned keeps the console pipe open.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 5 * time.Second
 	var stderr bytes.Buffer
 	cmd.Stderr = &limitedBuffer{buf: &stderr, max: 64 << 10}
