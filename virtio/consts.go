@@ -38,11 +38,11 @@ const (
 
 // Reserved (device-independent) feature bits (virtio 1.2 section 6).
 const (
-	FeatureIndirectDesc  uint64 = 1 << 28 // VIRTIO_F_INDIRECT_DESC
-	FeatureEventIdx      uint64 = 1 << 29 // VIRTIO_F_EVENT_IDX
-	FeatureVersion1      uint64 = 1 << 32 // VIRTIO_F_VERSION_1
+	FeatureIndirectDesc   uint64 = 1 << 28 // VIRTIO_F_INDIRECT_DESC
+	FeatureEventIdx       uint64 = 1 << 29 // VIRTIO_F_EVENT_IDX
+	FeatureVersion1       uint64 = 1 << 32 // VIRTIO_F_VERSION_1
 	FeatureAccessPlatform uint64 = 1 << 33 // VIRTIO_F_ACCESS_PLATFORM
-	FeatureRingPacked    uint64 = 1 << 34 // VIRTIO_F_RING_PACKED
+	FeatureRingPacked     uint64 = 1 << 34 // VIRTIO_F_RING_PACKED
 )
 
 // TransportFeatures are the feature bits every kvmkit transport offers on top

@@ -14,6 +14,8 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/kvmkit/kvmkit/isolation"
 )
 
 // Exit statuses of vmm besides the guest's own exit code.
@@ -40,14 +42,18 @@ func main() {
 
 // run executes vmm with args and returns the process exit status.
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	if code, handled := maybeJailedChild(); handled {
-		return code
+	// In a jailed re-execution this installs the process seccomp filter and
+	// reports jailed; in the jail's set-up stage it never returns.
+	jailed, err := isolation.Child()
+	if err != nil {
+		fmt.Fprintln(stderr, "vmm: jail:", err)
+		return exitFailure
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	root := newRoot(ctx, stdin, stdout, stderr)
+	root := newRoot(ctx, stdin, stdout, stderr, jailed)
 	root.SetArgs(args)
-	err := root.ExecuteContext(ctx)
+	err = root.ExecuteContext(ctx)
 	if err == nil {
 		return 0
 	}
@@ -91,7 +97,7 @@ type signalError struct{ sig syscall.Signal }
 
 func (e *signalError) Error() string { return "stopped by " + e.sig.String() }
 
-func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
+func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, jailed bool) *cobra.Command {
 	var verbose bool
 	root := &cobra.Command{
 		Use:           "vmm",
@@ -111,7 +117,7 @@ func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer) *co
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	env := &cliEnv{stdin: stdin, stdout: stdout, stderr: stderr}
+	env := &cliEnv{stdin: stdin, stdout: stdout, stderr: stderr, jailed: jailed}
 	root.AddCommand(newRunCmd(env), newGuestsCmd(env))
 	addMoreCommands(root, env)
 	return root
@@ -121,4 +127,6 @@ func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer) *co
 type cliEnv struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
+	// jailed is true in the VMM re-executed inside its jail.
+	jailed bool
 }

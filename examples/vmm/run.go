@@ -70,7 +70,7 @@ stderr when the guest crashes; 130/143 when stopped by SIGINT/SIGTERM.`,
 			if err := f.validate(); err != nil {
 				return &usageError{err}
 			}
-			if f.jail.enabled() {
+			if f.jail.enabled() && !env.jailed {
 				return runJailed(cmd.Context(), env, &f)
 			}
 			return runGuest(cmd.Context(), env, &f)
@@ -260,6 +260,28 @@ func resultError(ctx context.Context, res kvm.Result, err error) error {
 		return &exitError{code: int(res.ExitCode)}
 	case kvm.StopPowerOff, kvm.StopReset:
 		return nil
+	}
+	return nil
+}
+
+// loadKernel loads --kernel with --initrd and --cmdline.
+func loadKernel(m *machine.Machine, f *runFlags) error {
+	kernel, err := os.ReadFile(f.kernel)
+	if err != nil {
+		return fmt.Errorf("--kernel: %w", err)
+	}
+	var initrd []byte
+	if f.initrd != "" {
+		if initrd, err = os.ReadFile(f.initrd); err != nil {
+			return fmt.Errorf("--initrd: %w", err)
+		}
+	}
+	cmdline := f.cmdline
+	if extra := f.virtio.cmdline(); extra != "" {
+		cmdline = strings.TrimSpace(cmdline + " " + extra)
+	}
+	if _, err := m.LoadLinux(kernel, initrd, cmdline, machine.LinuxOptions{}); err != nil {
+		return fmt.Errorf("--kernel %s: %w", f.kernel, err)
 	}
 	return nil
 }

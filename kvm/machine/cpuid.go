@@ -1,20 +1,12 @@
 package machine
 
-import "github.com/kvmkit/kvmkit/kvm"
+import (
+	"github.com/kvmkit/kvmkit/kvm"
+	"github.com/kvmkit/kvmkit/kvm/x86"
+)
 
-// cpuidFor derives vCPU index's CPUID from the host's supported list.
+// cpuidFor derives vCPU index's CPUID from the host's supported list:
+// topology for n vCPUs, APIC IDs, the hypervisor bit and KVM's leaves.
 func cpuidFor(supported []kvm.CPUIDEntry, index, n int) []kvm.CPUIDEntry {
-	out := make([]kvm.CPUIDEntry, len(supported))
-	copy(out, supported)
-	for i := range out {
-		e := &out[i]
-		switch e.Function {
-		case 1:
-			e.EBX = e.EBX&0x00ffffff | uint32(index)<<24
-			e.ECX |= 1 << 31 // hypervisor
-		case 0xb, 0x1f:
-			e.EDX = uint32(index)
-		}
-	}
-	return out
+	return x86.FilterCPUID(supported, x86.CPUIDOptions{VCPU: index, VCPUs: n})
 }

@@ -350,6 +350,13 @@ func (m *Machine) AddDevice(name string, mmio bool, base, size uint64, dev kvm.D
 	return nil
 }
 
+// AddCloser makes Close close c (a device back end, a file).
+func (m *Machine) AddCloser(c io.Closer) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.extra = append(m.extra, c)
+}
+
 // Close releases the vCPUs, VM, memory and devices.
 func (m *Machine) Close() error {
 	m.mu.Lock()

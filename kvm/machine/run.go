@@ -79,22 +79,52 @@ func (m *Machine) Runner() *kvm.Runner {
 	return m.runner
 }
 
-// Pause stops all vCPUs outside the guest; see kvm.Runner.Pause.
+// Pauser is a device that can stop touching guest memory (a virtio
+// transport with I/O threads). Machine.Pause pauses such state devices
+// after the vCPUs; Resume resumes them before the vCPUs.
+type Pauser interface {
+	Pause()
+	Resume()
+}
+
+// Pause stops all vCPUs outside the guest (see kvm.Runner.Pause), then
+// pauses devices, so that nothing writes guest memory until Resume.
 func (m *Machine) Pause(ctx context.Context) error {
 	r := m.Runner()
 	if r == nil {
 		return ErrNotRunning
 	}
-	return r.Pause(ctx)
+	if err := r.Pause(ctx); err != nil {
+		return err
+	}
+	for _, p := range m.pausers() {
+		p.Pause()
+	}
+	return nil
 }
 
-// Resume restarts vCPUs after Pause.
+// Resume restarts devices, then vCPUs, after Pause.
 func (m *Machine) Resume() error {
 	r := m.Runner()
 	if r == nil {
 		return ErrNotRunning
 	}
+	for _, p := range m.pausers() {
+		p.Resume()
+	}
 	return r.Resume()
+}
+
+func (m *Machine) pausers() []Pauser {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []Pauser
+	for _, d := range m.stateDevs {
+		if p, ok := d.(Pauser); ok {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // Stop ends the run as if the guest had stopped with res.

@@ -101,6 +101,8 @@ func (m *Machine) RestoreState(s *State) error {
 
 // savers returns the devices whose state is saved, by name.
 func (m *Machine) savers() map[string]StateSaver {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	out := map[string]StateSaver{}
 	for name, d := range m.stateDevs {
 		out[name] = d
@@ -108,7 +110,8 @@ func (m *Machine) savers() map[string]StateSaver {
 	return out
 }
 
-// AddStateDevice makes a device's state part of SaveState/RestoreState.
+// AddStateDevice makes a device's state part of SaveState/RestoreState;
+// a device that is also a Pauser is paused and resumed with the machine.
 func (m *Machine) AddStateDevice(name string, d StateSaver) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

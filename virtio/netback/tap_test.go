@@ -115,7 +115,7 @@ func icmpEcho(srcMAC, dstMAC [6]byte, src, dst netip.Addr, id, seq uint16) []byt
 
 // readUntil reads frames from b until match accepts one, for at most 200
 // frames or 5 seconds.
-func readUntil(t *testing.T, b Backend, match func([]byte) bool) []byte {
+func readUntil(t testing.TB, b Backend, match func([]byte) bool) []byte {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -39,7 +39,7 @@ func loopbackOnlyDial(ctx context.Context, network, address string) (net.Conn, e
 	return d.DialContext(ctx, network, address)
 }
 
-func newTestUser(t *testing.T, opts UserOptions) *User {
+func newTestUser(t testing.TB, opts UserOptions) *User {
 	t.Helper()
 	if opts.Dial == nil {
 		opts.Dial = loopbackOnlyDial
@@ -53,7 +53,7 @@ func newTestUser(t *testing.T, opts UserOptions) *User {
 	return u
 }
 
-func dhcpClientFrame(t *testing.T, typ uint8, xid uint32, opts ...dhcpOption) []byte {
+func dhcpClientFrame(t testing.TB, typ uint8, xid uint32, opts ...dhcpOption) []byte {
 	t.Helper()
 	m := &dhcpMessage{op: bootRequest, htype: 1, hlen: 6, xid: xid}
 	copy(m.chaddr[:], fakeGuestMAC[:])
@@ -68,7 +68,7 @@ func dhcpClientFrame(t *testing.T, typ uint8, xid uint32, opts ...dhcpOption) []
 }
 
 // dhcpExchange sends one client message and returns the server's reply.
-func dhcpExchange(t *testing.T, b Backend, frame []byte, xid uint32) (*dhcpMessage, udpPacket) {
+func dhcpExchange(t testing.TB, b Backend, frame []byte, xid uint32) (*dhcpMessage, udpPacket) {
 	t.Helper()
 	require.NoError(t, b.WriteFrame(frame))
 	var pkt udpPacket
@@ -89,7 +89,7 @@ func dhcpExchange(t *testing.T, b Backend, frame []byte, xid uint32) (*dhcpMessa
 }
 
 // dhcpLease runs DISCOVER/OFFER/REQUEST/ACK and returns the ACK.
-func dhcpLease(t *testing.T, b Backend) *dhcpMessage {
+func dhcpLease(t testing.TB, b Backend) *dhcpMessage {
 	t.Helper()
 	offer, _ := dhcpExchange(t, b, dhcpClientFrame(t, dhcpDiscover, 0x1111), 0x1111)
 	require.Equal(t, uint8(dhcpOffer), offer.messageType())
@@ -143,7 +143,7 @@ type fakeGuest struct {
 	ch *channel.Endpoint
 }
 
-func newFakeGuest(t *testing.T, b Backend, addr, gw netip.Addr) *fakeGuest {
+func newFakeGuest(t testing.TB, b Backend, addr, gw netip.Addr) *fakeGuest {
 	t.Helper()
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
@@ -199,7 +199,7 @@ func newFakeGuest(t *testing.T, b Backend, addr, gw netip.Addr) *fakeGuest {
 	return &fakeGuest{s: s, ch: ch}
 }
 
-func guestFromLease(t *testing.T, u *User) *fakeGuest {
+func guestFromLease(t testing.TB, u *User) *fakeGuest {
 	t.Helper()
 	ack := dhcpLease(t, u)
 	gw, ok := ack.optionAddr(optRouter)
@@ -207,7 +207,7 @@ func guestFromLease(t *testing.T, u *User) *fakeGuest {
 	return newFakeGuest(t, u, ack.yiaddr, gw)
 }
 
-func echoServer(t *testing.T, network string) string {
+func echoServer(t testing.TB, network string) string {
 	t.Helper()
 	switch network {
 	case "tcp":
@@ -245,7 +245,7 @@ func echoServer(t *testing.T, network string) string {
 	}
 }
 
-func portOf(t *testing.T, addr string) uint16 {
+func portOf(t testing.TB, addr string) uint16 {
 	ap, err := netip.ParseAddrPort(addr)
 	require.NoError(t, err)
 	return ap.Port()
@@ -488,4 +488,46 @@ func ExampleNewUser() {
 
 func writeFile(path, s string) error {
 	return os.WriteFile(path, []byte(s), 0o644)
+}
+
+// BenchmarkUserTCPNAT measures guest-to-host TCP throughput through the NAT
+// (guest netstack -> frames -> User netstack -> host socket).
+func BenchmarkUserTCPNAT(b *testing.B) {
+	u := newTestUser(b, UserOptions{})
+	g := guestFromLease(b, u)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(b, err)
+	defer ln.Close()
+	received := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			received <- 0
+			return
+		}
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		received <- n
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := gonet.DialContextTCP(ctx, g.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4([4]byte{10, 0, 2, 2}), Port: portOf(b, ln.Addr().String())}, ipv4.ProtocolNumber)
+	require.NoError(b, err)
+	chunk := make([]byte, 64<<10)
+	b.SetBytes(int64(len(chunk)))
+	for b.Loop() {
+		if _, err := c.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	c.Close()
+	select {
+	case n := <-received:
+		require.Equal(b, int64(b.N)*int64(len(chunk)), n)
+		st := u.Stats()
+		b.ReportMetric(float64(st.RxDropped), "rx-dropped")
+		b.ReportMetric(float64(st.FramesIn)/float64(b.N), "frames-in/op")
+	case <-time.After(30 * time.Second):
+		b.Fatal("sink did not finish")
+	}
 }

@@ -78,7 +78,11 @@ func (b *bucket) take(n float64) time.Duration {
 	if b.tokens >= 0 {
 		return 0
 	}
-	return time.Duration(math.Ceil(-b.tokens / b.rate * float64(time.Second)))
+	ns := math.Ceil(-b.tokens / b.rate * float64(time.Second))
+	if ns >= math.MaxInt64 {
+		return time.Duration(math.MaxInt64) // debt beyond ~292 years
+	}
+	return time.Duration(ns)
 }
 
 // canTake reports whether n tokens are available now. A request larger than

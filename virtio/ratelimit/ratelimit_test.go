@@ -126,6 +126,14 @@ func TestReserveDurations(t *testing.T) {
 	require.ErrorIs(t, err, ErrNegative)
 }
 
+func TestHugeDebtDoesNotOverflow(t *testing.T) {
+	clk := NewManualClock(epoch)
+	l := NewWithOptions(1, 1, 0, 0, Options{Clock: clk})
+	d, err := l.Reserve(math.MaxInt)
+	require.NoError(t, err)
+	assert.Equal(t, time.Duration(math.MaxInt64), d)
+}
+
 func TestOpsDominate(t *testing.T) {
 	clk := NewManualClock(epoch)
 	l := NewWithOptions(1<<30, 0, 2, 1, Options{Clock: clk})

@@ -1,0 +1,171 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kvmkit/kvmkit/kvm/machine"
+	"github.com/kvmkit/kvmkit/virtio"
+	"github.com/kvmkit/kvmkit/virtio/blk"
+	"github.com/kvmkit/kvmkit/virtio/console"
+	"github.com/kvmkit/kvmkit/virtio/mmio"
+	vnet "github.com/kvmkit/kvmkit/virtio/net"
+	"github.com/kvmkit/kvmkit/virtio/netback"
+	"github.com/kvmkit/kvmkit/virtio/rng"
+)
+
+// virtioFlags are the device flags of `vmm run`.
+type virtioFlags struct {
+	diskSpecs []string
+	disks     []diskFlag
+	nets      []string
+	rng       bool
+	console   string
+
+	args []string // kernel command-line device descriptors, set by attach
+}
+
+type diskFlag struct {
+	path     string
+	readOnly bool
+}
+
+func (v *virtioFlags) register(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringArrayVar(&v.diskSpecs, "disk", nil, "virtio-blk disk: FILE[,ro] (repeatable)")
+	fl.StringArrayVar(&v.nets, "net", nil, "virtio-net NIC: user[,hostfwd=tcp:HOST:PORT-:PORT] or tap:NAME (repeatable)")
+	fl.BoolVar(&v.rng, "rng", false, "add a virtio-rng device fed by the host's getrandom")
+	fl.StringVar(&v.console, "console", "serial", "guest console: serial (COM1) or virtio (hvc0)")
+}
+
+func (v *virtioFlags) validate() error {
+	v.disks = v.disks[:0]
+	for _, s := range v.diskSpecs {
+		parts := strings.Split(s, ",")
+		d := diskFlag{path: parts[0]}
+		if d.path == "" {
+			return fmt.Errorf("--disk %q: missing file", s)
+		}
+		for _, opt := range parts[1:] {
+			switch opt {
+			case "ro":
+				d.readOnly = true
+			default:
+				return fmt.Errorf("--disk %q: unknown option %q (want ro)", s, opt)
+			}
+		}
+		v.disks = append(v.disks, d)
+	}
+	for _, n := range v.nets {
+		if _, err := parseNet(n); err != nil {
+			return err
+		}
+	}
+	if v.console != "serial" && v.console != "virtio" {
+		return fmt.Errorf("--console %q: want serial or virtio", v.console)
+	}
+	return nil
+}
+
+// netSpec is a parsed --net value.
+type netSpec struct {
+	tap  string
+	user *netback.UserOptions
+}
+
+func parseNet(s string) (netSpec, error) {
+	switch {
+	case strings.HasPrefix(s, "tap:"):
+		name := strings.TrimPrefix(s, "tap:")
+		if name == "" || len(name) > 15 {
+			return netSpec{}, fmt.Errorf("--net %q: tap name must be 1..15 bytes", s)
+		}
+		return netSpec{tap: name}, nil
+	case s == "user" || strings.HasPrefix(s, "user,"):
+		o, err := netback.ParseUserOptions(s)
+		if err != nil {
+			return netSpec{}, fmt.Errorf("--net %q: %w", s, err)
+		}
+		return netSpec{user: &o}, nil
+	}
+	return netSpec{}, fmt.Errorf("--net %q: want user[,hostfwd=...] or tap:NAME", s)
+}
+
+// virtioIRQs are the GSIs given to virtio-mmio devices, in order.
+var virtioIRQs = []uint32{5, 6, 7, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23}
+
+// attach builds the devices and registers their virtio-mmio windows.
+func (v *virtioFlags) attach(m *machine.Machine, f *runFlags) error {
+	v.args = nil
+	var devs []struct {
+		name string
+		dev  virtio.Device
+	}
+	add := func(name string, d virtio.Device) {
+		devs = append(devs, struct {
+			name string
+			dev  virtio.Device
+		}{name, d})
+	}
+	for i, d := range v.disks {
+		b, err := blk.Open(d.path, blk.Options{ReadOnly: d.readOnly, ID: fmt.Sprintf("kvmkit%d", i)})
+		if err != nil {
+			return fmt.Errorf("--disk %s: %w", d.path, err)
+		}
+		add(fmt.Sprintf("virtio-blk%d", i), b)
+	}
+	for i, s := range v.nets {
+		spec, _ := parseNet(s)
+		var be vnet.Backend
+		var err error
+		if spec.tap != "" {
+			be, err = netback.OpenTap(netback.TapOptions{Name: spec.tap})
+		} else {
+			be, err = netback.NewUser(*spec.user)
+		}
+		if err != nil {
+			return fmt.Errorf("--net %s: %w", s, err)
+		}
+		nd, err := vnet.New(be, vnet.Options{})
+		if err != nil {
+			be.Close()
+			return fmt.Errorf("--net %s: %w", s, err)
+		}
+		add(fmt.Sprintf("virtio-net%d", i), nd)
+	}
+	if v.rng {
+		add("virtio-rng", rng.New(rng.Options{}))
+	}
+	if v.console == "virtio" {
+		var in io.Reader
+		if f.stdinIn || isTerminal(os.Stdin) {
+			in = os.Stdin
+		}
+		add("virtio-console", console.New(console.Options{Input: in, Output: os.Stdout}))
+		v.args = append(v.args, "console=hvc0")
+	}
+	if len(devs) > len(virtioIRQs) {
+		return fmt.Errorf("%d virtio devices: at most %d", len(devs), len(virtioIRQs))
+	}
+	for i, d := range devs {
+		base := uint64(machine.VirtioMMIOBase) + uint64(i)*0x1000
+		irq := virtioIRQs[i]
+		t := mmio.New(d.dev, m.Mem(), m.IRQ(irq), mmio.Options{})
+		if err := m.AddDevice(d.name, true, base, mmio.Size, t); err != nil {
+			return err
+		}
+		if c, ok := d.dev.(io.Closer); ok {
+			m.AddCloser(c)
+		}
+		m.AddStateDevice(d.name, t)
+		v.args = append(v.args, mmio.CmdlineArg(base, 0x1000, irq))
+	}
+	return nil
+}
+
+// cmdline returns the kernel command-line arguments the devices need.
+func (v *virtioFlags) cmdline() string { return strings.Join(v.args, " ") }
