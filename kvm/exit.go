@@ -83,10 +83,12 @@ const (
 	StopPowerOff                       // the guest powered off (system event, ACPI, ...)
 	StopReset                          // the guest asked for a reset
 	StopCanceled                       // the context was canceled or Stop was called
+	StopMigrated                       // the VM now runs elsewhere (live migration)
 )
 
 var stopNames = map[StopReason]string{
 	StopExitPort: "exit port", StopPowerOff: "power off", StopReset: "reset", StopCanceled: "canceled",
+	StopMigrated: "migrated",
 }
 
 func (r StopReason) String() string {

@@ -160,6 +160,7 @@ type migrator struct {
 	replies    chan reply
 	readerDone chan struct{}
 
+	cancel     context.CancelCauseFunc
 	dirtyLogOn bool
 	paused     bool
 	writeErr   bool // a write failed: the stream may end mid-record
@@ -170,6 +171,7 @@ type migrator struct {
 func (m *migrator) run(parent context.Context) (Stats, error) {
 	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
+	m.cancel = cancel
 	disarm := interruptOnDone(ctx, m.conn)
 	defer disarm()
 
@@ -633,6 +635,15 @@ func (m *migrator) fail(ctx context.Context, err error) (Stats, error) {
 		m.report(len(m.stats.PerRound), 0)
 	}
 	m.log.Warn("migration failed, source keeps running", "phase", m.phase, "err", err)
+	// Interrupt the reply reader (through the connection's deadline) so
+	// that no goroutine outlives Migrate.
+	if m.cancel != nil && m.readerDone != nil {
+		m.cancel(err)
+		select {
+		case <-m.readerDone:
+		case <-time.After(time.Second):
+		}
+	}
 	return m.stats, &PhaseError{Phase: m.phase, Err: err}
 }
 

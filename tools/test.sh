@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# test.sh — kvmkit's test command (the one the README and .ci/run use).
+#
+#  1. gofmt and go vet over the module;
+#  2. go test ./... on this host (tests that need /dev/kvm run when it
+#     exists and skip with a one-line reason when it does not);
+#  3. every fuzz target for a few seconds (KVMKIT_FUZZTIME, default 4s);
+#  4. where this host has no /dev/kvm, the KVM tests again inside the
+#     nested lab (tools/nestlab: QEMU TCG with emulated AMD SVM, an L1
+#     Linux with a real /dev/kvm), including the Linux guest tests with the
+#     test kernel from tools/testkernel.
+#
+# It fails when any step fails. KVMKIT_SKIP_LAB=1 skips step 4,
+# KVMKIT_FUZZTIME=0 skips step 3.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "gofmt"
+bad="$(gofmt -l .)"
+if [[ -n "$bad" ]]; then
+	echo "gofmt needed on:"; echo "$bad"; exit 1
+fi
+
+step "go vet"
+go vet ./...
+
+step "go test (host)"
+go test -count=1 ./...
+
+fuzztime="${KVMKIT_FUZZTIME:-4s}"
+if [[ "$fuzztime" != 0 ]]; then
+	step "fuzz targets, $fuzztime each"
+	grep -rl --include='*_test.go' '^func Fuzz' . | sort | while read -r f; do
+		pkg="./$(dirname "${f#./}")"
+		for name in $(grep -o '^func Fuzz[A-Za-z0-9_]*' "$f" | cut -d' ' -f2); do
+			echo "fuzz $pkg $name"
+			go test -run '^$' -fuzz "^${name}\$" -fuzztime "$fuzztime" "$pkg" >/tmp/kvmkit-fuzz.log 2>&1 || {
+				cat /tmp/kvmkit-fuzz.log; echo "FAIL: fuzz $pkg $name"; exit 1; }
+		done
+	done
+fi
+
+if [[ -c /dev/kvm ]]; then
+	step "KVM tests ran on this host's /dev/kvm above"
+elif [[ "${KVMKIT_SKIP_LAB:-}" == 1 ]]; then
+	step "no /dev/kvm and KVMKIT_SKIP_LAB=1: KVM tests skipped"
+else
+	step "KVM tests in the nested lab (no /dev/kvm on this host)"
+	go run ./tools/nestlab gotest --testkernel --timeout 40m \
+		./kvm/... ./migration/... ./examples/...
+fi
+echo
+echo "tools/test.sh: all steps passed"
