@@ -264,13 +264,25 @@ func (r *Runner) loop(c *VCPU) {
 		r.cond.Broadcast()
 		r.mu.Unlock()
 	}()
+	// pending is true after a port-I/O or MMIO exit: KVM finishes such an
+	// instruction (stores an IN's data, advances RIP) only on the next
+	// KVM_RUN, so before parking, a run with immediate_exit completes it
+	// without executing anything else; saved state is then exact.
+	pending := false
 	for {
 		if r.park.Load() {
+			if pending {
+				c.SetImmediateExit(true)
+				_ = c.Run() // returns EINTR once the operation is complete
+				c.SetImmediateExit(false)
+				pending = false
+			}
 			if !r.parkLoop() {
 				return
 			}
 		}
 		err := c.Run()
+		pending = false
 		if err != nil {
 			if errors.Is(err, unix.EINTR) {
 				c.SetImmediateExit(false)
@@ -289,6 +301,8 @@ func (r *Runner) loop(c *VCPU) {
 		if stop := r.handleExit(c); stop {
 			return
 		}
+		reason := c.ExitReason()
+		pending = reason == ExitIO || reason == ExitMMIO
 	}
 }
 
