@@ -42,7 +42,7 @@ type runFlags struct {
 func (f *runFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
 	fl.StringVar(&f.image, "image", "", "flat bare-metal image to run (default: the embedded "+defaultGuest+" guest)")
-	fl.StringVar(&f.guest, "guest", "", "run an embedded test guest by name (see `vmm guests`)")
+	fl.StringVar(&f.guest, "guest", "", "run an embedded test guest by name (see vmm guests)")
 	fl.StringVar(&f.mode, "mode", "long", "CPU mode of --image: long or real")
 	fl.StringVar(&f.mem, "mem", "", "guest RAM size, e.g. 128M, 1G (default 128M; 256M with --kernel)")
 	fl.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
@@ -173,16 +173,48 @@ func buildMachine(env *cliEnv, f *runFlags) (*machine.Machine, error) {
 	return m, nil
 }
 
-// loadGuest loads what f names into m.
-func loadGuest(m *machine.Machine, f *runFlags) error {
+// guestFiles holds what the guest flags name, read before any VM exists
+// so that a missing or unreadable file fails fast with its name.
+type guestFiles struct {
+	image          []byte
+	mode           machine.Mode
+	kernel, initrd []byte
+}
+
+func readGuest(f *runFlags) (*guestFiles, error) {
+	g := &guestFiles{}
+	var err error
 	if f.kernel != "" {
-		return loadKernel(m, f)
+		if g.kernel, err = os.ReadFile(f.kernel); err != nil {
+			return nil, fmt.Errorf("--kernel: %w", err)
+		}
+		if f.initrd != "" {
+			if g.initrd, err = os.ReadFile(f.initrd); err != nil {
+				return nil, fmt.Errorf("--initrd: %w", err)
+			}
+		}
+		return g, nil
 	}
-	img, mode, err := guestImage(f)
-	if err != nil {
-		return err
+	g.image, g.mode, err = guestImage(f)
+	return g, err
+}
+
+// load loads the guest into m.
+func (g *guestFiles) load(m *machine.Machine, f *runFlags) error {
+	if g.kernel == nil {
+		if err := m.LoadFlat(g.image, g.mode); err != nil {
+			return fmt.Errorf("guest image: %w", err)
+		}
+		return nil
 	}
-	return m.LoadFlat(img, mode)
+	cmdline := f.cmdline
+	if extra := f.virtio.cmdline(); extra != "" {
+		cmdline = strings.TrimSpace(cmdline + " " + extra)
+	}
+	if _, err := m.LoadLinux(g.kernel, g.initrd, cmdline, machine.LinuxOptions{}); err != nil {
+		return fmt.Errorf("--kernel %s: %w", f.kernel, err)
+	}
+	return nil
 }
 
 func guestImage(f *runFlags) ([]byte, machine.Mode, error) {
@@ -209,12 +241,16 @@ func guestImage(f *runFlags) ([]byte, machine.Mode, error) {
 // runGuest builds, loads and runs the guest until it stops, restarting it
 // on reset when asked to.
 func runGuest(ctx context.Context, env *cliEnv, f *runFlags) error {
+	g, err := readGuest(f)
+	if err != nil {
+		return &exitError{code: exitFailure, msg: err.Error()}
+	}
 	for {
 		m, err := buildMachine(env, f)
 		if err != nil {
 			return &exitError{code: exitFailure, msg: err.Error()}
 		}
-		if err := loadGuest(m, f); err != nil {
+		if err := g.load(m, f); err != nil {
 			m.Close()
 			return &exitError{code: exitFailure, msg: err.Error()}
 		}
@@ -260,28 +296,6 @@ func resultError(ctx context.Context, res kvm.Result, err error) error {
 		return &exitError{code: int(res.ExitCode)}
 	case kvm.StopPowerOff, kvm.StopReset:
 		return nil
-	}
-	return nil
-}
-
-// loadKernel loads --kernel with --initrd and --cmdline.
-func loadKernel(m *machine.Machine, f *runFlags) error {
-	kernel, err := os.ReadFile(f.kernel)
-	if err != nil {
-		return fmt.Errorf("--kernel: %w", err)
-	}
-	var initrd []byte
-	if f.initrd != "" {
-		if initrd, err = os.ReadFile(f.initrd); err != nil {
-			return fmt.Errorf("--initrd: %w", err)
-		}
-	}
-	cmdline := f.cmdline
-	if extra := f.virtio.cmdline(); extra != "" {
-		cmdline = strings.TrimSpace(cmdline + " " + extra)
-	}
-	if _, err := m.LoadLinux(kernel, initrd, cmdline, machine.LinuxOptions{}); err != nil {
-		return fmt.Errorf("--kernel %s: %w", f.kernel, err)
 	}
 	return nil
 }

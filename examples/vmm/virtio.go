@@ -135,6 +135,17 @@ func (v *virtioFlags) attach(m *machine.Machine, f *runFlags) error {
 			be.Close()
 			return fmt.Errorf("--net %s: %w", s, err)
 		}
+		m.AddAnnouncer(func() error {
+			if nd.Announce() {
+				return nil // the guest announces itself (VIRTIO_NET_F_GUEST_ANNOUNCE)
+			}
+			mac := nd.MAC()
+			frame, err := netback.Announce(mac[:])
+			if err != nil {
+				return err
+			}
+			return be.WriteFrame(frame) // a RARP from the VMM
+		})
 		add(fmt.Sprintf("virtio-net%d", i), nd)
 	}
 	if v.rng {

@@ -108,6 +108,7 @@ type Machine struct {
 	closed    bool
 
 	manualTried bool
+	announcers  []func() error
 }
 
 // New creates the VM, its memory, vCPUs and platform devices.
@@ -348,6 +349,26 @@ func (m *Machine) AddDevice(name string, mmio bool, base, size uint64, dev kvm.D
 		m.extra = append(m.extra, c)
 	}
 	return nil
+}
+
+// AddAnnouncer registers a function Announce calls: after a migration a
+// NIC tells the network where the guest now is.
+func (m *Machine) AddAnnouncer(f func() error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.announcers = append(m.announcers, f)
+}
+
+// Announce runs every announcer and joins their errors.
+func (m *Machine) Announce() error {
+	m.mu.Lock()
+	fs := append([]func() error(nil), m.announcers...)
+	m.mu.Unlock()
+	var errs []error
+	for _, f := range fs {
+		errs = append(errs, f())
+	}
+	return errors.Join(errs...)
 }
 
 // AddCloser makes Close close c (a device back end, a file).
