@@ -1,7 +1,5 @@
 package kvm
 
-import "unsafe"
-
 // This file mirrors the x86-64 KVM ABI from <linux/kvm.h> and
 // <asm/kvm.h>. Struct layouts are checked against the kernel's sizes in
 // abi_test.go.
@@ -484,8 +482,6 @@ const (
 	VCPUEventValidPayload     = 1 << 4
 	VCPUEventValidTripleFault = 1 << 5
 )
-
-func ptr[T any](v *T) uintptr { return uintptr(unsafe.Pointer(v)) }
 
 func itoa(v uint64) string {
 	var b [20]byte

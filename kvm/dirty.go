@@ -96,7 +96,7 @@ func (d *DirtyLog) Harvest(slot uint32) ([]uint64, error) {
 		return nil, fmt.Errorf("dirty log: slot %d not tracked", slot)
 	}
 	dl := dirtyLog{Slot: slot, Bitmap: uint64(uintptr(unsafe.Pointer(&s.bitmap[0])))}
-	if _, err := ioctlRetry(d.vm.fd, kvmGetDirtyLog, ptr(&dl), "KVM_GET_DIRTY_LOG"); err != nil {
+	if _, err := ioctlRetry(d.vm.fd, kvmGetDirtyLog, unsafe.Pointer(&dl), "KVM_GET_DIRTY_LOG"); err != nil {
 		return nil, err
 	}
 	if d.manual {
@@ -119,7 +119,7 @@ func (d *DirtyLog) clear(slot uint32, s *dirtySlot) error {
 		NumPages:  uint32(s.pages),
 		Bitmap:    uint64(uintptr(unsafe.Pointer(&s.bitmap[0]))),
 	}
-	if _, err := ioctlRetry(d.vm.fd, kvmClearDirtyLog, ptr(&c), "KVM_CLEAR_DIRTY_LOG"); err != nil {
+	if _, err := ioctlRetry(d.vm.fd, kvmClearDirtyLog, unsafe.Pointer(&c), "KVM_CLEAR_DIRTY_LOG"); err != nil {
 		return fmt.Errorf("clear dirty log of slot %d: %w", slot, err)
 	}
 	return nil

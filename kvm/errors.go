@@ -3,6 +3,7 @@ package kvm
 import (
 	"errors"
 	"fmt"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,8 +23,21 @@ func (e *IoctlError) Error() string { return fmt.Sprintf("%s: %v", e.Op, e.Err) 
 // Unwrap returns the errno.
 func (e *IoctlError) Unwrap() error { return e.Err }
 
-// ioctl issues one ioctl and wraps a failure in an IoctlError.
-func ioctl(fd int, req, arg uintptr, op string) (uintptr, error) {
+// ioctl issues one ioctl whose argument points to memory, and wraps a
+// failure in an IoctlError. The pointer stays an unsafe.Pointer until the
+// syscall itself: converting it to uintptr earlier (in a helper) would let
+// the Go runtime move a stack-allocated argument while the kernel still
+// has the old address.
+func ioctl(fd int, req uintptr, arg unsafe.Pointer, op string) (uintptr, error) {
+	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
+	if errno != 0 {
+		return r, &IoctlError{Op: op, Err: errno}
+	}
+	return r, nil
+}
+
+// ioctlVal issues one ioctl whose argument is a plain value.
+func ioctlVal(fd int, req, arg uintptr, op string) (uintptr, error) {
 	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
 	if errno != 0 {
 		return r, &IoctlError{Op: op, Err: errno}
@@ -33,12 +47,21 @@ func ioctl(fd int, req, arg uintptr, op string) (uintptr, error) {
 
 // ioctlRetry is ioctl for calls that may be interrupted by a signal and are
 // safe to repeat. Never use it for KVM_RUN: EINTR is how a kick arrives.
-func ioctlRetry(fd int, req, arg uintptr, op string) (uintptr, error) {
+func ioctlRetry(fd int, req uintptr, arg unsafe.Pointer, op string) (uintptr, error) {
 	for {
 		r, err := ioctl(fd, req, arg, op)
-		if errors.Is(err, unix.EINTR) {
-			continue
+		if !errors.Is(err, unix.EINTR) {
+			return r, err
 		}
-		return r, err
+	}
+}
+
+// ioctlValRetry is ioctlVal retried on EINTR.
+func ioctlValRetry(fd int, req, arg uintptr, op string) (uintptr, error) {
+	for {
+		r, err := ioctlVal(fd, req, arg, op)
+		if !errors.Is(err, unix.EINTR) {
+			return r, err
+		}
 	}
 }

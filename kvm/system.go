@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -48,7 +49,7 @@ func Open(path string) (*System, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("KVM API version %d, want %d", v, APIVersion)
 	}
-	n, err := ioctl(fd, kvmGetVCPUMmapSize, 0, "KVM_GET_VCPU_MMAP_SIZE")
+	n, err := ioctlVal(fd, kvmGetVCPUMmapSize, 0, "KVM_GET_VCPU_MMAP_SIZE")
 	if err != nil {
 		unix.Close(fd)
 		return nil, err
@@ -76,14 +77,14 @@ func (s *System) Close() error { return unix.Close(s.fd) }
 
 // APIVersion issues KVM_GET_API_VERSION.
 func (s *System) APIVersion() (int, error) {
-	r, err := ioctl(s.fd, kvmGetAPIVersion, 0, "KVM_GET_API_VERSION")
+	r, err := ioctlVal(s.fd, kvmGetAPIVersion, 0, "KVM_GET_API_VERSION")
 	return int(r), err
 }
 
 // CheckExtension issues KVM_CHECK_EXTENSION: 0 means unsupported, a
 // positive value is capability-specific.
 func (s *System) CheckExtension(c Cap) (int, error) {
-	r, err := ioctl(s.fd, kvmCheckExtension, uintptr(c), "KVM_CHECK_EXTENSION")
+	r, err := ioctlVal(s.fd, kvmCheckExtension, uintptr(c), "KVM_CHECK_EXTENSION")
 	return int(r), err
 }
 
@@ -106,7 +107,7 @@ func getCPUID(fd int, req uintptr, op string) ([]CPUIDEntry, error) {
 	}
 	var c cpuid2
 	c.Nent = maxCPUIDEntries
-	if _, err := ioctlRetry(fd, req, ptr(&c), op); err != nil {
+	if _, err := ioctlRetry(fd, req, unsafe.Pointer(&c), op); err != nil {
 		return nil, err
 	}
 	n := min(int(c.Nent), maxCPUIDEntries)
@@ -135,7 +136,7 @@ func getMSRList(fd int, req uintptr, op string) ([]uint32, error) {
 	}
 	var l msrList
 	l.N = maxMSRIndices
-	if _, err := ioctlRetry(fd, req, ptr(&l), op); err != nil {
+	if _, err := ioctlRetry(fd, req, unsafe.Pointer(&l), op); err != nil {
 		return nil, err
 	}
 	n := min(int(l.N), maxMSRIndices)
@@ -158,7 +159,7 @@ type VMOptions struct {
 
 // CreateVM issues KVM_CREATE_VM.
 func (s *System) CreateVM(opts VMOptions) (*VM, error) {
-	r, err := ioctlRetry(s.fd, kvmCreateVM, opts.Type, "KVM_CREATE_VM")
+	r, err := ioctlValRetry(s.fd, kvmCreateVM, opts.Type, "KVM_CREATE_VM")
 	if err != nil {
 		return nil, err
 	}

@@ -70,39 +70,39 @@ func (c *VCPU) Run() error {
 // Regs issues KVM_GET_REGS.
 func (c *VCPU) Regs() (Regs, error) {
 	var r Regs
-	_, err := ioctlRetry(c.fd, kvmGetRegs, ptr(&r), "KVM_GET_REGS")
+	_, err := ioctlRetry(c.fd, kvmGetRegs, unsafe.Pointer(&r), "KVM_GET_REGS")
 	return r, err
 }
 
 // SetRegs issues KVM_SET_REGS.
 func (c *VCPU) SetRegs(r Regs) error {
-	_, err := ioctlRetry(c.fd, kvmSetRegs, ptr(&r), "KVM_SET_REGS")
+	_, err := ioctlRetry(c.fd, kvmSetRegs, unsafe.Pointer(&r), "KVM_SET_REGS")
 	return err
 }
 
 // Sregs issues KVM_GET_SREGS.
 func (c *VCPU) Sregs() (Sregs, error) {
 	var s Sregs
-	_, err := ioctlRetry(c.fd, kvmGetSregs, ptr(&s), "KVM_GET_SREGS")
+	_, err := ioctlRetry(c.fd, kvmGetSregs, unsafe.Pointer(&s), "KVM_GET_SREGS")
 	return s, err
 }
 
 // SetSregs issues KVM_SET_SREGS.
 func (c *VCPU) SetSregs(s Sregs) error {
-	_, err := ioctlRetry(c.fd, kvmSetSregs, ptr(&s), "KVM_SET_SREGS")
+	_, err := ioctlRetry(c.fd, kvmSetSregs, unsafe.Pointer(&s), "KVM_SET_SREGS")
 	return err
 }
 
 // FPU issues KVM_GET_FPU.
 func (c *VCPU) FPU() (FPU, error) {
 	var f FPU
-	_, err := ioctlRetry(c.fd, kvmGetFPU, ptr(&f), "KVM_GET_FPU")
+	_, err := ioctlRetry(c.fd, kvmGetFPU, unsafe.Pointer(&f), "KVM_GET_FPU")
 	return f, err
 }
 
 // SetFPU issues KVM_SET_FPU.
 func (c *VCPU) SetFPU(f FPU) error {
-	_, err := ioctlRetry(c.fd, kvmSetFPU, ptr(&f), "KVM_SET_FPU")
+	_, err := ioctlRetry(c.fd, kvmSetFPU, unsafe.Pointer(&f), "KVM_SET_FPU")
 	return err
 }
 
@@ -112,12 +112,12 @@ func (c *VCPU) XSave() (XSave, error) {
 	var x XSave
 	size, _ := c.vm.CheckExtension(CapXSave2)
 	if size <= 4096 {
-		_, err := ioctlRetry(c.fd, kvmGetXSave, ptr(&x.Region), "KVM_GET_XSAVE")
+		_, err := ioctlRetry(c.fd, kvmGetXSave, unsafe.Pointer(&x.Region), "KVM_GET_XSAVE")
 		return x, err
 	}
 	buf := make([]byte, size)
 	req := ioc(2, 0xcf, 4096)
-	if _, err := ioctlRetry(c.fd, req, uintptr(unsafe.Pointer(&buf[0])), "KVM_GET_XSAVE2"); err != nil {
+	if _, err := ioctlRetry(c.fd, req, unsafe.Pointer(&buf[0]), "KVM_GET_XSAVE2"); err != nil {
 		return x, err
 	}
 	copy(unsafe.Slice((*byte)(unsafe.Pointer(&x.Region[0])), 4096), buf[:4096])
@@ -128,26 +128,26 @@ func (c *VCPU) XSave() (XSave, error) {
 // SetXSave issues KVM_SET_XSAVE (with the extra area when present).
 func (c *VCPU) SetXSave(x XSave) error {
 	if len(x.Extra) == 0 {
-		_, err := ioctlRetry(c.fd, kvmSetXSave, ptr(&x.Region), "KVM_SET_XSAVE")
+		_, err := ioctlRetry(c.fd, kvmSetXSave, unsafe.Pointer(&x.Region), "KVM_SET_XSAVE")
 		return err
 	}
 	buf := make([]byte, 4096+len(x.Extra))
 	copy(buf, unsafe.Slice((*byte)(unsafe.Pointer(&x.Region[0])), 4096))
 	copy(buf[4096:], x.Extra)
-	_, err := ioctlRetry(c.fd, kvmSetXSave, uintptr(unsafe.Pointer(&buf[0])), "KVM_SET_XSAVE")
+	_, err := ioctlRetry(c.fd, kvmSetXSave, unsafe.Pointer(&buf[0]), "KVM_SET_XSAVE")
 	return err
 }
 
 // XCRs issues KVM_GET_XCRS.
 func (c *VCPU) XCRs() (XCRs, error) {
 	var x XCRs
-	_, err := ioctlRetry(c.fd, kvmGetXCRs, ptr(&x), "KVM_GET_XCRS")
+	_, err := ioctlRetry(c.fd, kvmGetXCRs, unsafe.Pointer(&x), "KVM_GET_XCRS")
 	return x, err
 }
 
 // SetXCRs issues KVM_SET_XCRS.
 func (c *VCPU) SetXCRs(x XCRs) error {
-	_, err := ioctlRetry(c.fd, kvmSetXCRs, ptr(&x), "KVM_SET_XCRS")
+	_, err := ioctlRetry(c.fd, kvmSetXCRs, unsafe.Pointer(&x), "KVM_SET_XCRS")
 	return err
 }
 
@@ -171,7 +171,7 @@ func (c *VCPU) GetMSRs(indices []uint32) ([]MSREntry, error) {
 	for i, idx := range indices {
 		b.Entries[i].Index = idx
 	}
-	r, err := ioctlRetry(c.fd, kvmGetMSRs, ptr(b), "KVM_GET_MSRS")
+	r, err := ioctlRetry(c.fd, kvmGetMSRs, unsafe.Pointer(b), "KVM_GET_MSRS")
 	if err != nil {
 		return nil, err
 	}
@@ -190,7 +190,7 @@ func (c *VCPU) SetMSRs(entries []MSREntry) error {
 	b := new(msrsBuf)
 	b.N = uint32(len(entries))
 	copy(b.Entries[:], entries)
-	r, err := ioctlRetry(c.fd, kvmSetMSRs, ptr(b), "KVM_SET_MSRS")
+	r, err := ioctlRetry(c.fd, kvmSetMSRs, unsafe.Pointer(b), "KVM_SET_MSRS")
 	if err != nil {
 		return err
 	}
@@ -212,7 +212,7 @@ func (c *VCPU) SetMSRsBestEffort(entries []MSREntry) (skipped []uint32, err erro
 		b := new(msrsBuf)
 		b.N = uint32(len(entries))
 		copy(b.Entries[:], entries)
-		r, err := ioctlRetry(c.fd, kvmSetMSRs, ptr(b), "KVM_SET_MSRS")
+		r, err := ioctlRetry(c.fd, kvmSetMSRs, unsafe.Pointer(b), "KVM_SET_MSRS")
 		if err != nil {
 			return skipped, err
 		}
@@ -228,52 +228,52 @@ func (c *VCPU) SetMSRsBestEffort(entries []MSREntry) (skipped []uint32, err erro
 // LAPIC issues KVM_GET_LAPIC.
 func (c *VCPU) LAPIC() (LAPICState, error) {
 	var l LAPICState
-	_, err := ioctlRetry(c.fd, kvmGetLAPIC, ptr(&l), "KVM_GET_LAPIC")
+	_, err := ioctlRetry(c.fd, kvmGetLAPIC, unsafe.Pointer(&l), "KVM_GET_LAPIC")
 	return l, err
 }
 
 // SetLAPIC issues KVM_SET_LAPIC.
 func (c *VCPU) SetLAPIC(l LAPICState) error {
-	_, err := ioctlRetry(c.fd, kvmSetLAPIC, ptr(&l), "KVM_SET_LAPIC")
+	_, err := ioctlRetry(c.fd, kvmSetLAPIC, unsafe.Pointer(&l), "KVM_SET_LAPIC")
 	return err
 }
 
 // VCPUEvents issues KVM_GET_VCPU_EVENTS.
 func (c *VCPU) VCPUEvents() (VCPUEvents, error) {
 	var e VCPUEvents
-	_, err := ioctlRetry(c.fd, kvmGetVCPUEvents, ptr(&e), "KVM_GET_VCPU_EVENTS")
+	_, err := ioctlRetry(c.fd, kvmGetVCPUEvents, unsafe.Pointer(&e), "KVM_GET_VCPU_EVENTS")
 	return e, err
 }
 
 // SetVCPUEvents issues KVM_SET_VCPU_EVENTS.
 func (c *VCPU) SetVCPUEvents(e VCPUEvents) error {
-	_, err := ioctlRetry(c.fd, kvmSetVCPUEvents, ptr(&e), "KVM_SET_VCPU_EVENTS")
+	_, err := ioctlRetry(c.fd, kvmSetVCPUEvents, unsafe.Pointer(&e), "KVM_SET_VCPU_EVENTS")
 	return err
 }
 
 // MPState issues KVM_GET_MP_STATE.
 func (c *VCPU) MPState() (uint32, error) {
 	var s uint32
-	_, err := ioctlRetry(c.fd, kvmGetMPState, ptr(&s), "KVM_GET_MP_STATE")
+	_, err := ioctlRetry(c.fd, kvmGetMPState, unsafe.Pointer(&s), "KVM_GET_MP_STATE")
 	return s, err
 }
 
 // SetMPState issues KVM_SET_MP_STATE.
 func (c *VCPU) SetMPState(s uint32) error {
-	_, err := ioctlRetry(c.fd, kvmSetMPState, ptr(&s), "KVM_SET_MP_STATE")
+	_, err := ioctlRetry(c.fd, kvmSetMPState, unsafe.Pointer(&s), "KVM_SET_MP_STATE")
 	return err
 }
 
 // DebugRegs issues KVM_GET_DEBUGREGS.
 func (c *VCPU) DebugRegs() (DebugRegs, error) {
 	var d DebugRegs
-	_, err := ioctlRetry(c.fd, kvmGetDebugRegs, ptr(&d), "KVM_GET_DEBUGREGS")
+	_, err := ioctlRetry(c.fd, kvmGetDebugRegs, unsafe.Pointer(&d), "KVM_GET_DEBUGREGS")
 	return d, err
 }
 
 // SetDebugRegs issues KVM_SET_DEBUGREGS.
 func (c *VCPU) SetDebugRegs(d DebugRegs) error {
-	_, err := ioctlRetry(c.fd, kvmSetDebugRegs, ptr(&d), "KVM_SET_DEBUGREGS")
+	_, err := ioctlRetry(c.fd, kvmSetDebugRegs, unsafe.Pointer(&d), "KVM_SET_DEBUGREGS")
 	return err
 }
 
@@ -290,7 +290,7 @@ func (c *VCPU) SetCPUID(entries []CPUIDEntry) error {
 	b := new(cpuid2)
 	b.Nent = uint32(len(entries))
 	copy(b.Entries[:], entries)
-	_, err := ioctlRetry(c.fd, kvmSetCPUID2, ptr(b), "KVM_SET_CPUID2")
+	_, err := ioctlRetry(c.fd, kvmSetCPUID2, unsafe.Pointer(b), "KVM_SET_CPUID2")
 	return err
 }
 
@@ -301,26 +301,26 @@ func (c *VCPU) CPUID() ([]CPUIDEntry, error) {
 
 // TSCKHz issues KVM_GET_TSC_KHZ.
 func (c *VCPU) TSCKHz() (uint32, error) {
-	r, err := ioctlRetry(c.fd, kvmGetTSCKHz, 0, "KVM_GET_TSC_KHZ")
+	r, err := ioctlValRetry(c.fd, kvmGetTSCKHz, 0, "KVM_GET_TSC_KHZ")
 	return uint32(r), err
 }
 
 // SetTSCKHz issues KVM_SET_TSC_KHZ.
 func (c *VCPU) SetTSCKHz(khz uint32) error {
-	_, err := ioctlRetry(c.fd, kvmSetTSCKHz, uintptr(khz), "KVM_SET_TSC_KHZ")
+	_, err := ioctlValRetry(c.fd, kvmSetTSCKHz, uintptr(khz), "KVM_SET_TSC_KHZ")
 	return err
 }
 
 // KVMClockCtrl issues KVM_KVMCLOCK_CTRL: tells the guest it was paused, so
 // its soft-lockup watchdog does not fire after a long pause.
 func (c *VCPU) KVMClockCtrl() error {
-	_, err := ioctlRetry(c.fd, kvmKVMClockCtrl, 0, "KVM_KVMCLOCK_CTRL")
+	_, err := ioctlValRetry(c.fd, kvmKVMClockCtrl, 0, "KVM_KVMCLOCK_CTRL")
 	return err
 }
 
 // NMI issues KVM_NMI.
 func (c *VCPU) NMI() error {
-	_, err := ioctlRetry(c.fd, kvmNMI, 0, "KVM_NMI")
+	_, err := ioctlValRetry(c.fd, kvmNMI, 0, "KVM_NMI")
 	return err
 }
 

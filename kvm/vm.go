@@ -40,7 +40,7 @@ func (vm *VM) Close() error { return unix.Close(vm.fd) }
 // CheckExtension issues KVM_CHECK_EXTENSION on the VM fd (the answer can
 // differ from the system's for VM-specific capabilities).
 func (vm *VM) CheckExtension(c Cap) (int, error) {
-	r, err := ioctl(vm.fd, kvmCheckExtension, uintptr(c), "KVM_CHECK_EXTENSION")
+	r, err := ioctlVal(vm.fd, kvmCheckExtension, uintptr(c), "KVM_CHECK_EXTENSION")
 	return int(r), err
 }
 
@@ -51,7 +51,7 @@ func (vm *VM) EnableCap(c Cap, flags uint32, args ...uint64) error {
 		return fmt.Errorf("KVM_ENABLE_CAP %d: %d args, at most %d", c, len(args), len(ec.Args))
 	}
 	copy(ec.Args[:], args)
-	_, err := ioctlRetry(vm.fd, kvmEnableCap, ptr(&ec), "KVM_ENABLE_CAP")
+	_, err := ioctlRetry(vm.fd, kvmEnableCap, unsafe.Pointer(&ec), "KVM_ENABLE_CAP")
 	return err
 }
 
@@ -63,7 +63,7 @@ func (vm *VM) SetUserMemoryRegion(slot uint32, flags uint32, gpa uint64, host []
 	if len(host) > 0 {
 		r.UserspaceAddr = uint64(uintptr(unsafe.Pointer(&host[0])))
 	}
-	if _, err := ioctlRetry(vm.fd, kvmSetUserMemoryRegion, ptr(&r), "KVM_SET_USER_MEMORY_REGION"); err != nil {
+	if _, err := ioctlRetry(vm.fd, kvmSetUserMemoryRegion, unsafe.Pointer(&r), "KVM_SET_USER_MEMORY_REGION"); err != nil {
 		return err
 	}
 	vm.mu.Lock()
@@ -105,7 +105,7 @@ func (vm *VM) AddMemory(mem *Memory, first uint32, flags uint32) error {
 
 // CreateIRQChip issues KVM_CREATE_IRQCHIP (PIC x2, IOAPIC, LAPICs in kernel).
 func (vm *VM) CreateIRQChip() error {
-	if _, err := ioctlRetry(vm.fd, kvmCreateIRQChip, 0, "KVM_CREATE_IRQCHIP"); err != nil {
+	if _, err := ioctlValRetry(vm.fd, kvmCreateIRQChip, 0, "KVM_CREATE_IRQCHIP"); err != nil {
 		return err
 	}
 	vm.mu.Lock()
@@ -130,19 +130,19 @@ const (
 // CreatePIT2 issues KVM_CREATE_PIT2.
 func (vm *VM) CreatePIT2(flags uint32) error {
 	c := pitConfig{Flags: flags}
-	_, err := ioctlRetry(vm.fd, kvmCreatePIT2, ptr(&c), "KVM_CREATE_PIT2")
+	_, err := ioctlRetry(vm.fd, kvmCreatePIT2, unsafe.Pointer(&c), "KVM_CREATE_PIT2")
 	return err
 }
 
 // SetTSSAddr issues KVM_SET_TSS_ADDR (three pages the guest must not use).
 func (vm *VM) SetTSSAddr(addr uint64) error {
-	_, err := ioctlRetry(vm.fd, kvmSetTSSAddr, uintptr(addr), "KVM_SET_TSS_ADDR")
+	_, err := ioctlValRetry(vm.fd, kvmSetTSSAddr, uintptr(addr), "KVM_SET_TSS_ADDR")
 	return err
 }
 
 // SetIdentityMapAddr issues KVM_SET_IDENTITY_MAP_ADDR (one page).
 func (vm *VM) SetIdentityMapAddr(addr uint64) error {
-	_, err := ioctlRetry(vm.fd, kvmSetIdentityMapAddr, ptr(&addr), "KVM_SET_IDENTITY_MAP_ADDR")
+	_, err := ioctlRetry(vm.fd, kvmSetIdentityMapAddr, unsafe.Pointer(&addr), "KVM_SET_IDENTITY_MAP_ADDR")
 	return err
 }
 
@@ -152,7 +152,7 @@ func (vm *VM) IRQLine(irq uint32, high bool) error {
 	if high {
 		l.Level = 1
 	}
-	_, err := ioctlRetry(vm.fd, kvmIRQLine, ptr(&l), "KVM_IRQ_LINE")
+	_, err := ioctlRetry(vm.fd, kvmIRQLine, unsafe.Pointer(&l), "KVM_IRQ_LINE")
 	return err
 }
 
@@ -164,14 +164,14 @@ func (vm *VM) Line(irq uint32) IRQ {
 // IRQFD issues KVM_IRQFD: a write to eventfd fd injects GSI gsi (edge).
 func (vm *VM) IRQFD(fd int, gsi uint32) error {
 	f := irqfd{FD: uint32(fd), GSI: gsi}
-	_, err := ioctlRetry(vm.fd, kvmIRQFD, ptr(&f), "KVM_IRQFD")
+	_, err := ioctlRetry(vm.fd, kvmIRQFD, unsafe.Pointer(&f), "KVM_IRQFD")
 	return err
 }
 
 // RemoveIRQFD deassigns an irqfd.
 func (vm *VM) RemoveIRQFD(fd int, gsi uint32) error {
 	f := irqfd{FD: uint32(fd), GSI: gsi, Flags: irqfdDeassign}
-	_, err := ioctlRetry(vm.fd, kvmIRQFD, ptr(&f), "KVM_IRQFD")
+	_, err := ioctlRetry(vm.fd, kvmIRQFD, unsafe.Pointer(&f), "KVM_IRQFD")
 	return err
 }
 
@@ -202,21 +202,21 @@ func (e IOEventFD) raw(deassign bool) ioeventfd {
 // AddIOEventFD issues KVM_IOEVENTFD.
 func (vm *VM) AddIOEventFD(e IOEventFD) error {
 	r := e.raw(false)
-	_, err := ioctlRetry(vm.fd, kvmIOEventFD, ptr(&r), "KVM_IOEVENTFD")
+	_, err := ioctlRetry(vm.fd, kvmIOEventFD, unsafe.Pointer(&r), "KVM_IOEVENTFD")
 	return err
 }
 
 // RemoveIOEventFD deassigns an ioeventfd.
 func (vm *VM) RemoveIOEventFD(e IOEventFD) error {
 	r := e.raw(true)
-	_, err := ioctlRetry(vm.fd, kvmIOEventFD, ptr(&r), "KVM_IOEVENTFD")
+	_, err := ioctlRetry(vm.fd, kvmIOEventFD, unsafe.Pointer(&r), "KVM_IOEVENTFD")
 	return err
 }
 
 // Clock issues KVM_GET_CLOCK.
 func (vm *VM) Clock() (ClockData, error) {
 	var c ClockData
-	_, err := ioctlRetry(vm.fd, kvmGetClock, ptr(&c), "KVM_GET_CLOCK")
+	_, err := ioctlRetry(vm.fd, kvmGetClock, unsafe.Pointer(&c), "KVM_GET_CLOCK")
 	return c, err
 }
 
@@ -224,39 +224,39 @@ func (vm *VM) Clock() (ClockData, error) {
 // ClockRealtime in Flags) are used by the kernel.
 func (vm *VM) SetClock(c ClockData) error {
 	c.Flags &= ClockRealtime
-	_, err := ioctlRetry(vm.fd, kvmSetClock, ptr(&c), "KVM_SET_CLOCK")
+	_, err := ioctlRetry(vm.fd, kvmSetClock, unsafe.Pointer(&c), "KVM_SET_CLOCK")
 	return err
 }
 
 // IRQChip issues KVM_GET_IRQCHIP for chip (IRQChipPICMaster, ...).
 func (vm *VM) IRQChip(chip uint32) (IRQChipState, error) {
 	s := IRQChipState{ChipID: chip}
-	_, err := ioctlRetry(vm.fd, kvmGetIRQChip, ptr(&s), "KVM_GET_IRQCHIP")
+	_, err := ioctlRetry(vm.fd, kvmGetIRQChip, unsafe.Pointer(&s), "KVM_GET_IRQCHIP")
 	return s, err
 }
 
 // SetIRQChip issues KVM_SET_IRQCHIP.
 func (vm *VM) SetIRQChip(s IRQChipState) error {
-	_, err := ioctlRetry(vm.fd, kvmSetIRQChip, ptr(&s), "KVM_SET_IRQCHIP")
+	_, err := ioctlRetry(vm.fd, kvmSetIRQChip, unsafe.Pointer(&s), "KVM_SET_IRQCHIP")
 	return err
 }
 
 // PIT2 issues KVM_GET_PIT2.
 func (vm *VM) PIT2() (PITState2, error) {
 	var s PITState2
-	_, err := ioctlRetry(vm.fd, kvmGetPIT2, ptr(&s), "KVM_GET_PIT2")
+	_, err := ioctlRetry(vm.fd, kvmGetPIT2, unsafe.Pointer(&s), "KVM_GET_PIT2")
 	return s, err
 }
 
 // SetPIT2 issues KVM_SET_PIT2.
 func (vm *VM) SetPIT2(s PITState2) error {
-	_, err := ioctlRetry(vm.fd, kvmSetPIT2, ptr(&s), "KVM_SET_PIT2")
+	_, err := ioctlRetry(vm.fd, kvmSetPIT2, unsafe.Pointer(&s), "KVM_SET_PIT2")
 	return err
 }
 
 // CreateVCPU issues KVM_CREATE_VCPU and maps its kvm_run page.
 func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
-	r, err := ioctlRetry(vm.fd, kvmCreateVCPU, uintptr(id), "KVM_CREATE_VCPU")
+	r, err := ioctlValRetry(vm.fd, kvmCreateVCPU, uintptr(id), "KVM_CREATE_VCPU")
 	if err != nil {
 		return nil, err
 	}
