@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 
 	"github.com/spf13/cobra"
@@ -70,8 +69,8 @@ func runJailed(ctx context.Context, env *cliEnv, f *runFlags) error {
 		cfg.Images = append(cfg.Images, abs)
 	}
 	cfg.GuestMemory = int64(f.memSize())
-	cfg.Args = jailedArgs(os.Args[1:])
-	cfg.Stdin, cfg.Stdout, cfg.Stderr = os.Stdin, env.stdout, env.stderr
+	cfg.Args = jailedArgs(env.args)
+	cfg.Stdin, cfg.Stdout, cfg.Stderr = env.stdin, env.stdout, env.stderr
 	cfg.Logger = slog.Default()
 	res, err := isolation.Launch(ctx, cfg)
 	if err != nil {

@@ -51,7 +51,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	root := newRoot(ctx, stdin, stdout, stderr, jailed)
+	root := newRoot(ctx, stdin, stdout, stderr, jailed, args)
 	root.SetArgs(args)
 	err = root.ExecuteContext(ctx)
 	if err == nil {
@@ -97,7 +97,7 @@ type signalError struct{ sig syscall.Signal }
 
 func (e *signalError) Error() string { return "stopped by " + e.sig.String() }
 
-func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, jailed bool) *cobra.Command {
+func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, jailed bool, args []string) *cobra.Command {
 	var verbose bool
 	root := &cobra.Command{
 		Use:           "vmm",
@@ -117,7 +117,7 @@ func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, jai
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	env := &cliEnv{stdin: stdin, stdout: stdout, stderr: stderr, jailed: jailed}
+	env := &cliEnv{stdin: stdin, stdout: stdout, stderr: stderr, jailed: jailed, args: args}
 	root.AddCommand(newRunCmd(env), newGuestsCmd(env))
 	addMoreCommands(root, env)
 	return root
@@ -129,4 +129,7 @@ type cliEnv struct {
 	stdout, stderr io.Writer
 	// jailed is true in the VMM re-executed inside its jail.
 	jailed bool
+	// args are vmm's arguments (without the program name), re-used by
+	// the jailed re-execution.
+	args []string
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/kvmkit/kvmkit/kvm"
 	"github.com/kvmkit/kvmkit/kvm/guests"
@@ -242,6 +243,46 @@ func waitText(t *testing.T, b *syncBuffer, text string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// TestJailedRun runs the demo guest in a jail (namespaces, pivot_root, no
+// capabilities, uid 65534, seccomp enforce): output and exit code come back
+// exactly as without the jail.
+func TestJailedRun(t *testing.T) {
+	requireKVM(t)
+	if os.Geteuid() != 0 {
+		t.Skip("the jail needs root")
+	}
+	labCgroups(t)
+	for _, c := range []struct {
+		args []string
+		code int
+		out  string
+	}{
+		{[]string{"run"}, 0, "Hello from a kvmkit long-mode guest!"},
+		{[]string{"run", "--guest", "exit42"}, 42, ""},
+		{[]string{"run", "--image", writeGuest(t, "hello16"), "--mode", "real"}, 0, "Hello from a kvmkit real-mode guest!"},
+	} {
+		args := append(c.args, "--jail", filepath.Join(t.TempDir(), "jail"), "--seccomp", "enforce", "--mem-limit", "512M", "--cpu-quota", "50%")
+		code, out, errs := vmm(args...)
+		assert.Equal(t, c.code, code, "%v: stderr: %s", args, errs)
+		assert.Contains(t, out, c.out)
+	}
+}
+
+// labCgroups mounts cgroup2 with the cpu, memory and pids controllers
+// enabled when the test runs in the nested lab, whose minimal init mounts
+// no cgroup file system.
+func labCgroups(t *testing.T) {
+	t.Helper()
+	if os.Getenv("KVMKIT_NESTLAB") != "1" {
+		return
+	}
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err != nil {
+		require.NoError(t, os.MkdirAll("/sys/fs/cgroup", 0o755))
+		require.NoError(t, unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, ""))
+	}
+	require.NoError(t, os.WriteFile("/sys/fs/cgroup/cgroup.subtree_control", []byte("+cpu +memory +pids"), 0o644))
 }
 
 func TestControlSocketErrors(t *testing.T) {

@@ -130,7 +130,20 @@ func pivot(dir string) error {
 	// unmounting "." then removes the old root without needing a put_old
 	// directory inside the jail.
 	if err := unix.PivotRoot(".", "."); err != nil {
-		return step("pivot_root", err)
+		if err != unix.EINVAL {
+			return step("pivot_root", err)
+		}
+		// The host root is an initramfs (rootfs), which pivot_root cannot
+		// move. Fall back as container runtimes do: move the jail onto /
+		// and chroot into it; the mount namespace still hides the host's
+		// other mounts, and the caller drops CAP_SYS_CHROOT afterwards.
+		if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+			return step("move jail onto / (rootfs fallback)", err)
+		}
+		if err := unix.Chroot("."); err != nil {
+			return step("chroot (rootfs fallback)", err)
+		}
+		return step("chdir /", unix.Chdir("/"))
 	}
 	if err := unix.Unmount(".", unix.MNT_DETACH); err != nil {
 		return step("unmount old root", err)

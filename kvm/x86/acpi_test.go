@@ -33,11 +33,12 @@ func TestWriteACPI(t *testing.T) {
 		ncpus    int
 		identity bool
 		i8042    bool
-	}{{1, false, false}, {4, false, true}, {MaxMPCPUs, true, false}} {
+		pmPort   uint16
+	}{{1, false, false, 0}, {4, false, true, 0}, {MaxMPCPUs, true, false, 0}, {2, true, true, 0x600}, {MaxMPCPUs, true, false, 0xB000}} {
 		mem, err := kvm.SingleRegion(1<<20, kvm.MemoryOptions{})
 		require.NoError(t, err)
 		defer mem.Close()
-		at, err := WriteACPI(mem, ACPIAddr, tc.ncpus, ACPIOptions{IdentityIRQ0: tc.identity, I8042: tc.i8042})
+		at, err := WriteACPI(mem, ACPIAddr, tc.ncpus, ACPIOptions{IdentityIRQ0: tc.identity, I8042: tc.i8042, PMPort: tc.pmPort, SCI: 13})
 		require.NoError(t, err)
 		assert.Equal(t, uint64(ACPIAddr), at.RSDP)
 		assert.Less(t, at.RSDP+at.Size, uint64(0x100000), "inside the BIOS area")
@@ -61,12 +62,42 @@ func TestWriteACPI(t *testing.T) {
 		require.Len(t, f, 276)
 		assert.Equal(t, byte(6), f[8], "FADT revision")
 		flags := binary.LittleEndian.Uint32(f[112:])
-		assert.NotZero(t, flags&(1<<20), "HW_REDUCED_ACPI")
+		pc := tc.pmPort != 0
+		assert.Equal(t, !pc, flags&(1<<20) != 0, "HW_REDUCED_ACPI")
 		arch := binary.LittleEndian.Uint16(f[109:])
 		assert.Equal(t, tc.i8042, arch&2 != 0, "8042 flag")
 		dsdt := binary.LittleEndian.Uint64(f[140:])
 		assert.Equal(t, uint64(binary.LittleEndian.Uint32(f[40:])), dsdt)
-		readSDT(t, mem, dsdt, "DSDT")
+		d := readSDT(t, mem, dsdt, "DSDT")
+		le := binary.LittleEndian
+		if pc {
+			assert.Equal(t, []byte{0x08, '_', 'S', '5', '_', 0x12, 0x05, 0x02, 0x0A, SleepTypeS5, 0x00}, d[36:], "Name(_S5, Package(){5, 0})")
+			assert.Equal(t, uint16(13), le.Uint16(f[46:]), "SCI_INT")
+			assert.Zero(t, le.Uint32(f[48:]), "no SMI_CMD: always in ACPI mode")
+			assert.Equal(t, uint32(tc.pmPort), le.Uint32(f[56:]), "PM1a_EVT_BLK")
+			assert.Equal(t, uint32(tc.pmPort)+4, le.Uint32(f[64:]), "PM1a_CNT_BLK")
+			assert.Equal(t, []byte{4, 2}, f[88:90], "PM1_EVT_LEN, PM1_CNT_LEN")
+			assert.Zero(t, le.Uint32(f[76:]), "no PM timer")
+			assert.Equal(t, []byte{1, 32, 0, 1}, f[148:152], "X_PM1a_EVT_BLK GAS")
+			assert.Equal(t, uint64(tc.pmPort), le.Uint64(f[152:]))
+			assert.Equal(t, []byte{1, 16, 0, 1}, f[172:176], "X_PM1a_CNT_BLK GAS")
+			assert.Equal(t, uint64(tc.pmPort)+4, le.Uint64(f[176:]))
+			facs := uint64(le.Uint32(f[36:]))
+			assert.Equal(t, at.FACS, facs)
+			assert.Equal(t, facs, le.Uint64(f[132:]), "X_FIRMWARE_CTRL")
+			assert.Zero(t, facs%64, "FACS alignment")
+			h := make([]byte, 64)
+			_, err = mem.ReadAt(h, int64(facs))
+			require.NoError(t, err)
+			assert.Equal(t, "FACS", string(h[:4]))
+			assert.Equal(t, uint32(64), le.Uint32(h[4:]))
+			assert.LessOrEqual(t, facs+64, dsdt, "FACS before the DSDT")
+		} else {
+			assert.Len(t, d, 36, "empty DSDT")
+			assert.Zero(t, at.FACS)
+			assert.Zero(t, le.Uint32(f[36:]), "no FACS")
+			assert.Zero(t, le.Uint32(f[56:]), "no PM1a_EVT_BLK")
+		}
 
 		m := readSDT(t, mem, madtAddr, "APIC")
 		assert.Equal(t, uint32(0xFEE00000), binary.LittleEndian.Uint32(m[36:]))
