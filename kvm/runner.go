@@ -23,6 +23,10 @@ type RunnerOptions struct {
 	PIO    *Bus         // port I/O bus (required)
 	MMIO   *Bus         // MMIO bus (required)
 	Logger *slog.Logger // nil: slog.Default()
+	// ThreadInit, if set, runs on each vCPU's locked OS thread before its
+	// first KVM_RUN (for example to install a per-thread seccomp filter).
+	// An error ends the run.
+	ThreadInit func(vcpu int) error
 }
 
 // Runner runs a VM's vCPUs: one goroutine per vCPU, locked to its OS
@@ -36,6 +40,7 @@ type Runner struct {
 	pio   *Bus
 	mmio  *Bus
 	log   *slog.Logger
+	init  func(vcpu int) error
 
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -54,7 +59,7 @@ type Runner struct {
 
 // NewRunner returns a Runner for vcpus on the given buses.
 func NewRunner(vcpus []*VCPU, opts RunnerOptions) *Runner {
-	r := &Runner{vcpus: vcpus, pio: opts.PIO, mmio: opts.MMIO, log: opts.Logger, done: make(chan struct{})}
+	r := &Runner{vcpus: vcpus, pio: opts.PIO, mmio: opts.MMIO, log: opts.Logger, init: opts.ThreadInit, done: make(chan struct{})}
 	if r.log == nil {
 		r.log = slog.Default()
 	}
@@ -269,6 +274,12 @@ func (r *Runner) loop(c *VCPU) {
 	// KVM_RUN, so before parking, a run with immediate_exit completes it
 	// without executing anything else; saved state is then exact.
 	pending := false
+	if r.init != nil {
+		if err := r.init(c.id); err != nil {
+			r.finish(Result{}, fmt.Errorf("vCPU %d thread set-up: %w", c.id, err))
+			return
+		}
+	}
 	for {
 		if r.park.Load() {
 			if pending {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/kvmkit/kvmkit/isolation"
 	"github.com/kvmkit/kvmkit/isolation/jail"
+	"github.com/kvmkit/kvmkit/isolation/seccomp"
 )
 
 // jailFlags are the isolation flags of `vmm run` and `vmm receive`.
@@ -100,4 +101,17 @@ func jailedArgs(args []string) []string {
 		}
 	}
 	return out
+}
+
+// vcpuThreadInit returns, in the jailed VMM, the function that gives each
+// vCPU thread the narrower vCPU seccomp filter on top of the process one.
+func vcpuThreadInit(env *cliEnv, f *runFlags) func(int) error {
+	if !env.jailed {
+		return nil
+	}
+	mode, err := seccomp.ParseMode(f.jail.seccomp)
+	if err != nil || mode == seccomp.ModeOff {
+		return nil
+	}
+	return func(int) error { return seccomp.Install(seccomp.ClassVCPU, mode) }
 }

@@ -162,6 +162,7 @@ func buildMachine(env *cliEnv, f *runFlags) (*machine.Machine, error) {
 	if f.stdinIn || isTerminal(os.Stdin) {
 		cfg.SerialIn = env.stdin
 	}
+	cfg.VCPUThreadInit = vcpuThreadInit(env, f)
 	m, err := machine.New(cfg)
 	if err != nil {
 		return nil, err

@@ -99,6 +99,9 @@ func AllowList(c Class) ([]string, error) {
 		for _, extra := range classExtra {
 			add(extra)
 		}
+		// seccomp(2) lets a thread stack its class filter on the process
+		// filter; a filter can only take permissions away.
+		add([]string{"seccomp"})
 	default:
 		return nil, fmt.Errorf("%w %d", ErrBadClass, int(c))
 	}

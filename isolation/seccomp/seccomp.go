@@ -15,8 +15,10 @@
 package seccomp
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"strings"
 	"unsafe"
@@ -190,8 +192,12 @@ func load(c Class, m Mode, tsync bool) error {
 		filt[i] = unix.SockFilter{Code: r.Op, Jt: r.Jt, Jf: r.Jf, K: r.K}
 	}
 	prog := unix.SockFprog{Len: uint16(len(filt)), Filter: &filt[0]}
-	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return &InstallError{Class: c, Mode: m, TSync: tsync, Err: fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)}
+	// Under a process filter prctl may be forbidden; no_new_privs is then
+	// already set (it is a precondition of that filter) and inherited.
+	if !noNewPrivs() {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return &InstallError{Class: c, Mode: m, TSync: tsync, Err: fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)}
+		}
 	}
 	var flags uintptr
 	if tsync {
@@ -206,4 +212,14 @@ func load(c Class, m Mode, tsync bool) error {
 		return &InstallError{Class: c, Mode: m, TSync: tsync, Err: fmt.Errorf("thread %d could not be synchronised", r)}
 	}
 	return nil
+}
+
+// noNewPrivs reports whether the calling thread already has no_new_privs,
+// read from /proc/thread-self/status (prctl itself may be filtered).
+func noNewPrivs() bool {
+	b, err := os.ReadFile("/proc/thread-self/status")
+	if err != nil {
+		return false
+	}
+	return bytes.Contains(b, []byte("\nNoNewPrivs:\t1"))
 }

@@ -69,6 +69,9 @@ type Config struct {
 	Memory *kvm.Memory
 	// Logger receives diagnostics (default slog.Default()).
 	Logger *slog.Logger
+	// VCPUThreadInit runs on each vCPU thread before it first enters the
+	// guest (see kvm.RunnerOptions.ThreadInit).
+	VCPUThreadInit func(vcpu int) error
 	// PanicPatterns are console regexps that count as a guest crash
 	// (default: "Kernel panic"); set WatchConsole to enable.
 	WatchConsole  bool

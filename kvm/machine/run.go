@@ -21,7 +21,7 @@ func (m *Machine) Start(ctx context.Context) error {
 	if m.runner != nil {
 		return errors.New("machine: already started")
 	}
-	r := kvm.NewRunner(m.vcpus, kvm.RunnerOptions{PIO: m.pio, MMIO: m.mmio, Logger: m.log})
+	r := kvm.NewRunner(m.vcpus, kvm.RunnerOptions{PIO: m.pio, MMIO: m.mmio, Logger: m.log, ThreadInit: m.cfg.VCPUThreadInit})
 	m.runner = r
 	m.runDone = make(chan struct{})
 	done := m.runDone

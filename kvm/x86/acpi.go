@@ -134,6 +134,8 @@ func WriteACPI(mem kvm.GuestMemory, addr uint64, ncpus int, opts ACPIOptions) (A
 	flags := uint32(fadtPwrButton | fadtSlpButton)
 	if pc {
 		flags |= fadtWBINVD
+		// FIRMWARE_CTRL only: the specification wants X_FIRMWARE_CTRL 0
+		// when it is set (Linux would install the FACS twice).
 		le.PutUint32(body(36), uint32(at.FACS))
 		le.PutUint16(body(46), opts.SCI)
 		le.PutUint32(body(56), uint32(opts.PMPort))   // PM1a_EVT_BLK
@@ -142,7 +144,6 @@ func WriteACPI(mem kvm.GuestMemory, addr uint64, ncpus int, opts ACPIOptions) (A
 		body(89)[0] = pm1CntLen
 		le.PutUint16(body(96), 101)      // P_LVL2_LAT > 100: no C2 state
 		le.PutUint16(body(98), 1001)     // P_LVL3_LAT > 1000: no C3 state
-		le.PutUint64(body(132), at.FACS) // X_FIRMWARE_CTRL
 		putGAS(body(148), uint64(opts.PMPort), pm1EvtLen*8)
 		putGAS(body(172), uint64(opts.PMPort)+4, pm1CntLen*8)
 	} else {

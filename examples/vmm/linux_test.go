@@ -1,0 +1,452 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvmkit/kvmkit/kvm"
+)
+
+// The Linux guest tests boot the kvmkit test kernel (tools/testkernel) with
+// `vmm run --kernel`, calling the CLI in-process. Its /init (init.sh) prints
+// KVMKIT-INIT-OK and cpus=N, runs the test named by kvmkit.test= and
+// reports `KVMKIT-TEST name=NAME result=PASS|FAIL ...` (the last such line
+// wins), then powers off. Run them with
+//
+//	go run ./tools/nestlab gotest -v --testkernel --run 'TestLinux' ./examples/vmm
+
+// linuxInitMarker is the first line init.sh prints.
+const linuxInitMarker = "KVMKIT-INIT-OK"
+
+// linuxTimeout bounds one guest run; a hung guest is stopped with SIGTERM.
+const linuxTimeout = 3 * time.Minute
+
+// linuxKernelDir returns the test kernel directory, or skips the test when
+// there is no /dev/kvm or no test kernel.
+func linuxKernelDir(t testing.TB) string {
+	t.Helper()
+	if ok, why := kvm.Available(); !ok {
+		t.Skipf("no /dev/kvm: %s", why)
+	}
+	dir := os.Getenv("KVMKIT_TEST_KERNEL_DIR")
+	if dir == "" {
+		t.Skip("no test kernel: KVMKIT_TEST_KERNEL_DIR is unset (build it with tools/testkernel/build.sh, or use nestlab --testkernel)")
+	}
+	for _, f := range []string{"bzImage", "vmlinux", "initramfs.cpio.gz"} {
+		_, err := os.Stat(filepath.Join(dir, f))
+		require.NoError(t, err, "KVMKIT_TEST_KERNEL_DIR=%s lacks %s", dir, f)
+	}
+	return dir
+}
+
+// linuxRun describes one `vmm run --kernel` of the test kernel.
+type linuxRun struct {
+	kernel  string   // file in the kernel directory (default bzImage)
+	cpus    int      // --cpus (default 1)
+	test    string   // kvmkit.test= (default boot)
+	params  []string // more kernel parameters
+	args    []string // more vmm flags
+	stdin   string   // fed to COM1 with --stdin when not empty
+	timeout time.Duration
+}
+
+// linuxResult is how a run ended and what it printed.
+type linuxResult struct {
+	code           int
+	stdout, stderr string
+	// toInit is the wall time from the start of run() to the first
+	// KVMKIT-INIT-OK on COM1 (0 if it never appeared); total is the
+	// whole run.
+	toInit, total time.Duration
+	// rssAnonPeak and rssShmemPeak are the largest RssAnon and RssShmem of
+	// this (test) process seen during the run, in KiB; guest RAM is a
+	// memfd, so the guest pages it touched count as RssShmem.
+	rssAnonPeak, rssShmemPeak int64
+}
+
+// markWriter is a goroutine-safe buffer that records when a marker first
+// appears in what is written.
+type markWriter struct {
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	marker []byte
+	start  time.Time
+	seen   time.Duration
+}
+
+func (w *markWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	from := max(0, w.buf.Len()-len(w.marker))
+	w.buf.Write(p)
+	if w.seen == 0 && bytes.Contains(w.buf.Bytes()[from:], w.marker) {
+		w.seen = time.Since(w.start)
+	}
+	return len(p), nil
+}
+
+func (w *markWriter) result() (string, time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String(), w.seen
+}
+
+// procStatusKiB reads a "Name: N kB" field of /proc/self/status.
+func procStatusKiB(name string) int64 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), name+":"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// bootLinux runs vmm on the test kernel as r describes.
+func bootLinux(t testing.TB, dir string, r linuxRun) linuxResult {
+	t.Helper()
+	if r.kernel == "" {
+		r.kernel = "bzImage"
+	}
+	if r.cpus == 0 {
+		r.cpus = 1
+	}
+	if r.test == "" {
+		r.test = "boot"
+	}
+	if r.timeout == 0 {
+		r.timeout = linuxTimeout
+	}
+	cmdline := append([]string{"console=ttyS0", "quiet", "kvmkit.test=" + r.test}, r.params...)
+	args := []string{"run",
+		"--kernel", filepath.Join(dir, r.kernel),
+		"--initrd", filepath.Join(dir, "initramfs.cpio.gz"),
+		"--cmdline", strings.Join(cmdline, " "),
+		"--cpus", strconv.Itoa(r.cpus),
+	}
+	if r.stdin != "" {
+		args = append(args, "--stdin")
+	}
+	args = append(args, r.args...)
+
+	// A hung guest is stopped the way a user would: SIGTERM, which vmm
+	// turns into a clean stop with status 143. While the run lasts this
+	// test also listens for SIGTERM, so the signal never kills the test
+	// binary.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	timedOut := make(chan struct{})
+	watchdog := time.AfterFunc(r.timeout, func() {
+		close(timedOut)
+		_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	})
+
+	var res linuxResult
+	done := make(chan struct{})
+	var rssWG sync.WaitGroup
+	rssWG.Add(1)
+	go func() {
+		defer rssWG.Done()
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			res.rssAnonPeak = max(res.rssAnonPeak, procStatusKiB("RssAnon"))
+			res.rssShmemPeak = max(res.rssShmemPeak, procStatusKiB("RssShmem"))
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+
+	start := time.Now()
+	out := &markWriter{marker: []byte(linuxInitMarker), start: start}
+	var errb lockedBuffer
+	res.code = run(args, strings.NewReader(r.stdin), out, &errb)
+	res.total = time.Since(start)
+	watchdog.Stop()
+	close(done)
+	rssWG.Wait()
+	res.stdout, res.toInit = out.result()
+	res.stderr = errb.String()
+	select {
+	case <-timedOut:
+		t.Fatalf("vmm %s: guest still running after %v; COM1:\n%s\nstderr:\n%s", strings.Join(args, " "), r.timeout, res.stdout, res.stderr)
+	default:
+	}
+	t.Logf("%s %s cpus=%d: status %d, KVMKIT-INIT-OK after %v, run %v, peak RssAnon %d KiB, RssShmem %d KiB",
+		r.kernel, r.test, r.cpus, res.code, res.toInit.Round(time.Millisecond), res.total.Round(time.Millisecond), res.rssAnonPeak, res.rssShmemPeak)
+	return res
+}
+
+// lockedBuffer is a goroutine-safe bytes.Buffer for stderr.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// kvmkitTest is one `KVMKIT-TEST name=... result=...` line.
+type kvmkitTest struct {
+	name, result string
+	fields       map[string]string
+	line         string
+}
+
+var kvmkitTestRE = regexp.MustCompile(`KVMKIT-TEST name=(\S+) result=(PASS|FAIL)(.*)`)
+
+// lastTestLine returns the last KVMKIT-TEST line of the console output.
+func lastTestLine(out string) (kvmkitTest, bool) {
+	ms := kvmkitTestRE.FindAllStringSubmatch(out, -1)
+	if len(ms) == 0 {
+		return kvmkitTest{}, false
+	}
+	m := ms[len(ms)-1]
+	kt := kvmkitTest{name: m[1], result: m[2], fields: map[string]string{}, line: strings.TrimSpace(m[0])}
+	for _, f := range strings.Fields(m[3]) {
+		if k, v, ok := strings.Cut(f, "="); ok {
+			kt.fields[k] = v
+		}
+	}
+	return kt, true
+}
+
+// requireGuestTest checks that init ran test name and that its last result
+// was want; it returns the parsed line.
+func requireGuestTest(t *testing.T, res linuxResult, name, want string) kvmkitTest {
+	t.Helper()
+	require.Contains(t, res.stdout, linuxInitMarker, "init never ran; stderr: %s\nCOM1:\n%s", res.stderr, res.stdout)
+	kt, ok := lastTestLine(res.stdout)
+	require.True(t, ok, "no KVMKIT-TEST line; stderr: %s\nCOM1:\n%s", res.stderr, res.stdout)
+	require.Equal(t, name, kt.name, kt.line)
+	require.Equal(t, want, kt.result, "%s\nCOM1:\n%s", kt.line, res.stdout)
+	return kt
+}
+
+func TestLinuxBoot(t *testing.T) {
+	dir := linuxKernelDir(t)
+	for _, tc := range []struct {
+		kernel string
+		cpus   int
+	}{
+		{"bzImage", 1},
+		{"bzImage", 2},
+		{"vmlinux", 1}, // ELF with a PVH note: the PVH entry
+		{"vmlinux", 2},
+	} {
+		t.Run(fmt.Sprintf("%s/cpus=%d", tc.kernel, tc.cpus), func(t *testing.T) {
+			res := bootLinux(t, dir, linuxRun{kernel: tc.kernel, cpus: tc.cpus})
+			assert.Equal(t, 0, res.code, "power-off ends the run with status 0; stderr: %s", res.stderr)
+			requireGuestTest(t, res, "boot", "PASS")
+			assert.Contains(t, res.stdout, fmt.Sprintf("cpus=%d\n", tc.cpus), "every vCPU came up")
+			assert.Empty(t, res.stderr)
+		})
+	}
+}
+
+func TestLinuxExitPort(t *testing.T) {
+	dir := linuxKernelDir(t)
+	for _, code := range []int{7, 42} {
+		t.Run(strconv.Itoa(code), func(t *testing.T) {
+			var params []string
+			if code != 7 {
+				params = append(params, fmt.Sprintf("kvmkit.code=%d", code))
+			}
+			res := bootLinux(t, dir, linuxRun{test: "exitport", params: params})
+			assert.Equal(t, code, res.code, "the byte written to port 0xf4 is vmm's status; stderr: %s", res.stderr)
+			kt := requireGuestTest(t, res, "exitport", "PASS")
+			assert.Equal(t, strconv.Itoa(code), kt.fields["code"])
+		})
+	}
+}
+
+func TestLinuxPanic(t *testing.T) {
+	dir := linuxKernelDir(t)
+	res := bootLinux(t, dir, linuxRun{test: "panic"})
+	require.Equal(t, exitCrash, res.code, "a kernel panic is a guest crash; stderr: %s", res.stderr)
+	requireGuestTest(t, res, "panic", "PASS")
+	msg := strings.TrimSpace(res.stderr)
+	assert.NotContains(t, msg, "\n", "one-line reason")
+	assert.Contains(t, msg, "Kernel panic")
+	assert.Contains(t, msg, "sysrq")
+	// The host side is unharmed: the test process goes on and can run the
+	// next guest.
+	res = bootLinux(t, dir, linuxRun{})
+	assert.Equal(t, 0, res.code, res.stderr)
+}
+
+func TestLinuxReboot(t *testing.T) {
+	dir := linuxKernelDir(t)
+	res := bootLinux(t, dir, linuxRun{test: "reboot"})
+	assert.Equal(t, 0, res.code, "a reset stops the run with --on-reset stop; stderr: %s", res.stderr)
+	requireGuestTest(t, res, "reboot", "PASS")
+	assert.Equal(t, 1, strings.Count(res.stdout, linuxInitMarker), "the guest did not boot again")
+}
+
+// TestLinuxSerialInput drives the init shell through COM1's receive side.
+func TestLinuxSerialInput(t *testing.T) {
+	dir := linuxKernelDir(t)
+	res := bootLinux(t, dir, linuxRun{test: "shell", stdin: "echo sum=$((6*7))\npoweroff -f\n"})
+	assert.Equal(t, 0, res.code, res.stderr)
+	requireGuestTest(t, res, "shell", "PASS")
+	assert.Contains(t, res.stdout, "sum=42", "the shell read and ran the command")
+}
+
+// diskImage writes a disk image of n random bytes and returns its path and
+// SHA-256.
+func diskImage(t *testing.T, n int) (string, string) {
+	t.Helper()
+	b := make([]byte, n)
+	_, err := rand.Read(b)
+	require.NoError(t, err)
+	p := filepath.Join(t.TempDir(), "disk.img")
+	require.NoError(t, os.WriteFile(p, b, 0o644))
+	sum := sha256.Sum256(b)
+	return p, hex.EncodeToString(sum[:])
+}
+
+func TestLinuxVirtioDisk(t *testing.T) {
+	dir := linuxKernelDir(t)
+	const size = 4 << 20
+	block := make([]byte, 4096) // what init.sh writes at offset 4096
+	copy(block, "KVMKIT-DISK-BLOCK")
+
+	t.Run("read-write", func(t *testing.T) {
+		img, sum := diskImage(t, size)
+		res := bootLinux(t, dir, linuxRun{test: "disk", params: []string{"kvmkit.sum=" + sum}, args: []string{"--disk", img}})
+		assert.Equal(t, 0, res.code, res.stderr)
+		kt := requireGuestTest(t, res, "disk", "PASS")
+		assert.Equal(t, sum, kt.fields["sum"], "the guest read the image's exact content")
+		got, err := os.ReadFile(img)
+		require.NoError(t, err)
+		require.Len(t, got, size)
+		assert.Equal(t, block, got[4096:8192], "the guest's flushed write reached the file")
+	})
+	t.Run("read-only", func(t *testing.T) {
+		img, sum := diskImage(t, size)
+		res := bootLinux(t, dir, linuxRun{test: "disk", params: []string{"kvmkit.sum=" + sum}, args: []string{"--disk", img + ",ro"}})
+		assert.Equal(t, 0, res.code, res.stderr)
+		kt := requireGuestTest(t, res, "disk", "FAIL")
+		assert.Equal(t, "readback-mismatch", kt.fields["reason"], "the write was refused")
+		assert.Equal(t, sum, kt.fields["sum"])
+		got, err := os.ReadFile(img)
+		require.NoError(t, err)
+		s := sha256.Sum256(got)
+		assert.Equal(t, sum, hex.EncodeToString(s[:]), "a read-only image is unchanged")
+	})
+}
+
+func TestLinuxVirtioRNG(t *testing.T) {
+	dir := linuxKernelDir(t)
+	res := bootLinux(t, dir, linuxRun{test: "rng", args: []string{"--rng"}})
+	assert.Equal(t, 0, res.code, res.stderr)
+	kt := requireGuestTest(t, res, "rng", "PASS")
+	assert.Contains(t, kt.fields["rng"], "virtio", "the bytes came from virtio-rng")
+}
+
+func TestLinuxVirtioNetUser(t *testing.T) {
+	dir := linuxKernelDir(t)
+	const body = "hello from the kvmkit test host\n"
+	var hits sync.Map
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Store(r.RemoteAddr, r.URL.Path)
+		_, _ = io.WriteString(w, body)
+	})}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	port := ln.Addr().(*net.TCPAddr).Port
+
+	res := bootLinux(t, dir, linuxRun{test: "net", params: []string{"kvmkit.port=" + strconv.Itoa(port)}, args: []string{"--net", "user"}})
+	assert.Equal(t, 0, res.code, res.stderr)
+	kt := requireGuestTest(t, res, "net", "PASS")
+	assert.Equal(t, "10.0.2.2", kt.fields["gw"], "DHCP gave the default router")
+	assert.True(t, strings.HasPrefix(kt.fields["addr"], "10.0.2."), "DHCP lease %q in 10.0.2.0/24", kt.fields["addr"])
+	assert.Equal(t, strconv.Itoa(len(body)), kt.fields["bytes"], "the guest received the whole body")
+	n := 0
+	hits.Range(func(_, _ any) bool { n++; return true })
+	assert.Equal(t, 1, n, "the host server saw the guest's request")
+}
+
+// TestLinuxVirtioConsole boots with the console on virtio-console (hvc0).
+// vmm writes virtio-console output to the process's standard output, so the
+// test swaps os.Stdout for a pipe while the guest runs.
+func TestLinuxVirtioConsole(t *testing.T) {
+	dir := linuxKernelDir(t)
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	var hvc bytes.Buffer
+	copied := make(chan struct{})
+	go func() { _, _ = io.Copy(&hvc, r); close(copied) }()
+	saved := os.Stdout
+	os.Stdout = w
+	res := bootLinux(t, dir, linuxRun{args: []string{"--console", "virtio"}})
+	os.Stdout = saved
+	require.NoError(t, w.Close())
+	<-copied
+	assert.Equal(t, 0, res.code, res.stderr)
+	out := hvc.String()
+	assert.Contains(t, out, linuxInitMarker, "init's console is hvc0; COM1 had:\n%s", res.stdout)
+	kt, ok := lastTestLine(out)
+	require.True(t, ok, "no KVMKIT-TEST line on hvc0:\n%s", out)
+	assert.Equal(t, "PASS", kt.result, kt.line)
+}
+
+// BenchmarkLinuxBoot measures a whole run of the test kernel (boot to init,
+// power off) and reports the time to KVMKIT-INIT-OK.
+func BenchmarkLinuxBoot(b *testing.B) {
+	dir := linuxKernelDir(b)
+	for _, kernel := range []string{"bzImage", "vmlinux"} {
+		b.Run(kernel, func(b *testing.B) {
+			var toInit time.Duration
+			for b.Loop() {
+				res := bootLinux(b, dir, linuxRun{kernel: kernel})
+				if res.code != 0 || res.toInit == 0 {
+					b.Fatalf("status %d, stderr %s", res.code, res.stderr)
+				}
+				toInit += res.toInit
+			}
+			b.ReportMetric(float64(toInit.Milliseconds())/float64(b.N), "ms-to-init/op")
+		})
+	}
+}
