@@ -142,8 +142,8 @@ func WriteACPI(mem kvm.GuestMemory, addr uint64, ncpus int, opts ACPIOptions) (A
 		le.PutUint32(body(64), uint32(opts.PMPort)+4) // PM1a_CNT_BLK
 		body(88)[0] = pm1EvtLen
 		body(89)[0] = pm1CntLen
-		le.PutUint16(body(96), 101)      // P_LVL2_LAT > 100: no C2 state
-		le.PutUint16(body(98), 1001)     // P_LVL3_LAT > 1000: no C3 state
+		le.PutUint16(body(96), 101)  // P_LVL2_LAT > 100: no C2 state
+		le.PutUint16(body(98), 1001) // P_LVL3_LAT > 1000: no C3 state
 		putGAS(body(148), uint64(opts.PMPort), pm1EvtLen*8)
 		putGAS(body(172), uint64(opts.PMPort)+4, pm1CntLen*8)
 	} else {
