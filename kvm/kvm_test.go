@@ -307,3 +307,29 @@ func TestIRQFDAndIOEventFD(t *testing.T) {
 	require.NoError(t, err)
 	assert.Positive(t, n)
 }
+
+// BenchmarkPauseResume is one Pause (all vCPUs out of the guest) plus one
+// Resume of a running one-vCPU guest.
+func BenchmarkPauseResume(b *testing.B) {
+	sys := openKVM(b)
+	v := newRealModeVM(b, sys, codeCountLoop, true)
+	var c counter
+	require.NoError(b, v.pio.Register(0xe0, 2, &c))
+	r := v.runner()
+	done := make(chan struct{})
+	go func() { defer close(done); _, _ = r.Run(context.Background()) }()
+	for c.n.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	ctx := context.Background()
+	for b.Loop() {
+		if err := r.Pause(ctx); err != nil {
+			b.Fatal(err)
+		}
+		if err := r.Resume(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	r.Stop(kvm.Result{Reason: kvm.StopCanceled})
+	<-done
+}

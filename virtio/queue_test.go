@@ -89,6 +89,28 @@ func TestQueueIndirect(t *testing.T) {
 	assert.EqualValues(t, 8, c.WritableLen())
 }
 
+// TestQueueIndirectUnaligned: Linux's indirect tables come from kmalloc and
+// are only 8-byte aligned.
+func TestQueueIndirectUnaligned(t *testing.T) {
+	mem := newMem(t)
+	d, rq, q := setup(t, mem, 4, virtio.FeatureIndirectDesc)
+	d.Alloc(8, 16)
+	table := d.Alloc(48, 8)
+	require.EqualValues(t, 8, table%16)
+	a, b := d.Alloc(16, 8), d.Alloc(512, 8)
+	d.WriteDesc(table, 0, vtest.Desc{Addr: a, Len: 16, Flags: virtio.DescFlagNext, Next: 1})
+	d.WriteDesc(table, 1, vtest.Desc{Addr: b, Len: 512, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: 2})
+	d.WriteDesc(table, 2, vtest.Desc{Addr: b, Len: 1, Flags: virtio.DescFlagWrite})
+	d.WriteDesc(rq.Desc, 0, vtest.Desc{Addr: table, Len: 48, Flags: virtio.DescFlagIndirect})
+	rq.Publish(0)
+	var c virtio.Chain
+	ok, err := q.Pop(&c)
+	require.NoError(t, err)
+	require.True(t, ok)
+	assert.EqualValues(t, 16, c.ReadableLen())
+	assert.EqualValues(t, 513, c.WritableLen())
+}
+
 func TestQueueWrapsAround(t *testing.T) {
 	mem := newMem(t)
 	d, rq, q := setup(t, mem, 2, 0)

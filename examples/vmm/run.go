@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -23,20 +24,21 @@ const defaultGuest = guests.Hello64
 // runFlags are the flags of `vmm run` (and `vmm receive`, which runs the
 // incoming VM the same way).
 type runFlags struct {
-	image   string
-	guest   string
-	mode    string
-	mem     string
-	cpus    int
-	kernel  string
-	initrd  string
-	cmdline string
-	stdinIn bool
-	onReset string
-	noIRQ   bool
-	control string
-	jail    jailFlags
-	virtio  virtioFlags
+	image    string
+	guest    string
+	mode     string
+	mem      string
+	cpus     int
+	kernel   string
+	initrd   string
+	cmdline  string
+	stdinIn  bool
+	onReset  string
+	watchdog time.Duration
+	noIRQ    bool
+	control  string
+	jail     jailFlags
+	virtio   virtioFlags
 }
 
 func (f *runFlags) register(cmd *cobra.Command) {
@@ -51,6 +53,7 @@ func (f *runFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.cmdline, "cmdline", "", "kernel command line for --kernel")
 	fl.BoolVar(&f.stdinIn, "stdin", false, "feed standard input to COM1 (default: only when stdin is a terminal)")
 	fl.StringVar(&f.onReset, "on-reset", "stop", "what a guest reset does: stop or restart")
+	fl.DurationVar(&f.watchdog, "watchdog", 0, "report a crash when the guest makes no progress (exits, console output) for this long, e.g. 30s")
 	fl.BoolVar(&f.noIRQ, "no-irqchip", false, "run without the in-kernel interrupt controllers and PIT")
 	fl.StringVar(&f.control, "control", "", "serve the control API (HTTP/JSON) on this unix socket")
 	f.jail.register(cmd)
@@ -158,6 +161,7 @@ func buildMachine(env *cliEnv, f *runFlags) (*machine.Machine, error) {
 		Serial:       env.stdout,
 		NoIRQChip:    f.noIRQ,
 		WatchConsole: f.kernel != "",
+		Watchdog:     f.watchdog,
 	}
 	if f.stdinIn || isTerminal(os.Stdin) {
 		cfg.SerialIn = env.stdin

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"regexp"
 	"sync"
+	"time"
 
 	"github.com/kvmkit/kvmkit/kvm"
 	"github.com/kvmkit/kvmkit/kvm/devices"
@@ -69,6 +70,10 @@ type Config struct {
 	Memory *kvm.Memory
 	// Logger receives diagnostics (default slog.Default()).
 	Logger *slog.Logger
+	// Watchdog, if positive, ends the run with a CrashWatchdog crash when
+	// the guest makes no progress (no VM exits, no console output) for that
+	// long while not paused.
+	Watchdog time.Duration
 	// VCPUThreadInit runs on each vCPU thread before it first enters the
 	// guest (see kvm.RunnerOptions.ThreadInit).
 	VCPUThreadInit func(vcpu int) error

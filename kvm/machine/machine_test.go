@@ -218,6 +218,18 @@ func TestContextCancelStopsGuest(t *testing.T) {
 	assert.Equal(t, kvm.StopCanceled, res.Reason)
 }
 
+// TestWatchdog: the idle guest halts forever; with the in-kernel irqchip a
+// halt makes no exits, so the watchdog reports a stalled guest.
+func TestWatchdog(t *testing.T) {
+	requireKVM(t)
+	m := newGuest(t, "idle", machine.Config{Watchdog: 300 * time.Millisecond}, nil)
+	_, err := run(t, m)
+	var gc *kvm.GuestCrash
+	require.ErrorAs(t, err, &gc)
+	assert.Equal(t, kvm.CrashWatchdog, gc.Kind)
+	assert.Contains(t, gc.Error(), "no progress")
+}
+
 func TestConfigErrors(t *testing.T) {
 	cases := []machine.Config{
 		{MemSize: 1000},

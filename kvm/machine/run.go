@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"github.com/kvmkit/kvmkit/kvm"
+	"github.com/kvmkit/kvmkit/kvm/devices"
 )
 
 // ErrNotRunning is returned by Pause and Resume when the machine is not
@@ -25,6 +26,12 @@ func (m *Machine) Start(ctx context.Context) error {
 	m.runner = r
 	m.runDone = make(chan struct{})
 	done := m.runDone
+	if m.cfg.Watchdog > 0 {
+		if err := m.startWatchdog(ctx, r); err != nil {
+			m.runner = nil
+			return err
+		}
+	}
 	go func() {
 		res, err := r.Run(ctx)
 		if err != nil && m.console != nil {
@@ -147,4 +154,33 @@ func (m *Machine) fail(err error) {
 	if r := m.Runner(); r != nil {
 		r.Fail(err)
 	}
+}
+
+// startWatchdog ends the run with a CrashWatchdog crash when neither VM
+// exits nor console bytes advance for cfg.Watchdog; a pause counts as
+// progress.
+func (m *Machine) startWatchdog(ctx context.Context, r *kvm.Runner) error {
+	var pausedTicks uint64
+	w, err := devices.NewWatchdog(devices.WatchdogConfig{
+		Timeout: m.cfg.Watchdog,
+		Progress: func() uint64 {
+			if r.Paused() {
+				pausedTicks++
+			}
+			return r.Exits() + m.uart.Stats().TxBytes + pausedTicks
+		},
+		OnStall: func(e *devices.StallError) {
+			m.fail(&kvm.GuestCrash{Kind: kvm.CrashWatchdog, VCPU: -1, Detail: e.Error(), Err: e})
+		},
+	})
+	if err != nil {
+		return err
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	go func() {
+		<-r.Done()
+		cancel()
+	}()
+	go func() { _ = w.Run(wctx) }()
+	return nil
 }

@@ -5,6 +5,8 @@
 //	nestlab gotest [flags] PKG...        run Go test binaries in one L1 boot
 //	nestlab exec BINARY ARGS...          for `go test -exec`
 //	nestlab selftest [flags]             check /dev/kvm in L1 with kvmcheck
+//	nestlab vmm VMM-ARGS...              build examples/vmm and run it: on this
+//	                                     host's /dev/kvm if there is one, else in L1
 //
 // Exit status: the payload's, or 124 (timeout), 125 (L1/QEMU crashed),
 // 126 (kvm modules / /dev/kvm failed), 130 (interrupted), 2 (usage).
@@ -35,6 +37,7 @@ const usage = `usage:
   nestlab gotest [flags] [--run RE] [--bench RE] [--benchtime D] PKG...
   nestlab exec BINARY ARGS...        (go test -exec 'go run github.com/kvmkit/kvmkit/tools/nestlab exec')
   nestlab selftest [flags] [--exits N]
+  nestlab vmm VMM-ARGS...            (examples/vmm on /dev/kvm, or in L1 without one)
 common flags: --mem 6G --cpus 2 --timeout 20m --file HOST:GUEST --env K=V --testkernel -v
 `
 
@@ -105,6 +108,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		code, err = a.cmdExec(ctx, args[1:])
 	case "selftest":
 		code, err = a.cmdSelftest(ctx, args[1:])
+	case "vmm":
+		code, err = a.cmdVMM(ctx, args[1:])
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
@@ -269,6 +274,51 @@ func (a *app) cmdRun(ctx context.Context, args []string) (int, error) {
 		rest = append([]string{g}, rest[1:]...)
 	}
 	res, err := lab.Boot(ctx, host, a.spec(&c, im, env, lab.CommandPayload(rest), "/"), a.options(&c))
+	a.summary(res, err)
+	if err != nil {
+		return 0, err
+	}
+	return res.ExitCode, nil
+}
+
+// cmdVMM builds examples/vmm and runs it with args: directly where this
+// host has /dev/kvm, otherwise inside L1. The exit status is vmm's.
+func (a *app) cmdVMM(ctx context.Context, args []string) (int, error) {
+	tmp, err := os.MkdirTemp("", "nestlab-vmm-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(tmp)
+	bin := filepath.Join(tmp, "vmm")
+	g := lab.GoTool{Stderr: a.stderr}
+	if err := g.Build(ctx, "github.com/kvmkit/kvmkit/examples/vmm", bin); err != nil {
+		return 0, err
+	}
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+		f.Close()
+		cmd := exec.CommandContext(ctx, bin, args...)
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, a.stdout, a.stderr
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode(), nil
+		}
+		return 0, err
+	}
+	fmt.Fprintln(a.stderr, "nestlab: no /dev/kvm on this host: running vmm in the nested lab (QEMU TCG, emulated SVM)")
+	var c common
+	if _, err := a.parse("vmm", []string{"--mem", "2G", "--timeout", "10m"}, &c, nil); err != nil {
+		return 0, err
+	}
+	host, im, env, err := a.prepare(ctx, &c)
+	if err != nil {
+		return 0, err
+	}
+	if err := lab.AddExecutable(ctx, im, "/lab/bin/vmm", bin); err != nil {
+		return 0, err
+	}
+	payload := lab.CommandPayload(append([]string{"/lab/bin/vmm"}, args...))
+	res, err := lab.Boot(ctx, host, a.spec(&c, im, env, payload, "/"), a.options(&c))
 	a.summary(res, err)
 	if err != nil {
 		return 0, err

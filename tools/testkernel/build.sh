@@ -7,8 +7,10 @@
 #   vmlinux             uncompressed ELF (PVH entry note, for direct ELF boot)
 #   initramfs.cpio.gz   gzip newc cpio: busybox-static + /init (see init.sh)
 #   config              the final kernel .config
-# <hash> covers this script, kvmkit.config and init.sh, so editing any of
-# them builds a new kernel; an existing output dir is reused at once.
+# <hash> covers this script, kvmkit.config and init.sh; an existing output
+# dir is reused at once. The kernel itself is cached separately in
+# testkernel-kernel-<khash>/ keyed by kvmkit.config and KERNEL_RECIPE only,
+# so changing the initramfs (init.sh) takes seconds, not a kernel build.
 # The output directory is always the last line printed on stdout.
 #
 # Environment: KVMKIT_CACHE (cache root), KVMKIT_TESTKERNEL_JOBS (make -j,
@@ -19,8 +21,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 frag="$here/kvmkit.config"
 initsh="$here/init.sh"
 cache="${KVMKIT_CACHE:-$HOME/.cache/kvmkit}"
+# Bump KERNEL_RECIPE when the kernel build steps below change.
+KERNEL_RECIPE=1
 hash="$(cat "${BASH_SOURCE[0]}" "$frag" "$initsh" | sha256sum | cut -c1-16)"
+khash="$( (cat "$frag"; echo "recipe=$KERNEL_RECIPE") | sha256sum | cut -c1-16)"
 out="$cache/testkernel-$hash"
+kout="$cache/testkernel-kernel-$khash"
 
 log() { echo "testkernel: $*" >&2; }
 
@@ -31,10 +37,15 @@ if [[ -f "$out/bzImage" && -f "$out/vmlinux" && -f "$out/initramfs.cpio.gz" ]]; 
 fi
 
 # --- dependencies --------------------------------------------------------
+kernel_cached=0
+[[ -f "$kout/bzImage" && -f "$kout/vmlinux" ]] && kernel_cached=1
 need_pkgs=()
-[[ -f /usr/src/linux-source-6.1.tar.xz ]] || need_pkgs+=(linux-source-6.1)
-[[ -x /bin/busybox ]] && /bin/busybox --list >/dev/null 2>&1 || need_pkgs+=(busybox-static)
-for p in build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils gzip; do
+pkgs=(busybox-static cpio gzip)
+if ((!kernel_cached)); then
+	[[ -f /usr/src/linux-source-6.1.tar.xz ]] || need_pkgs+=(linux-source-6.1)
+	pkgs+=(build-essential bc bison flex libelf-dev libssl-dev xz-utils)
+fi
+for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
@@ -47,12 +58,9 @@ if ((${#need_pkgs[@]})); then
 	apt-get update -qq >&2
 	apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
 fi
-if ! file -b /bin/busybox 2>/dev/null | grep -q "statically linked"; then
-	# `file` may be absent; ldd is the fallback check.
-	if ldd /bin/busybox >/dev/null 2>&1; then
-		log "/bin/busybox is not static: install busybox-static"
-		exit 1
-	fi
+if ldd /bin/busybox >/dev/null 2>&1; then
+	log "/bin/busybox is dynamically linked: install busybox-static"
+	exit 1
 fi
 
 # --- kernel --------------------------------------------------------------
@@ -61,44 +69,58 @@ work="$(mktemp -d "$cache/testkernel-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 
-log "unpacking linux-source-6.1 into $work"
-tar -C "$work" -xJf /usr/src/linux-source-6.1.tar.xz
-src="$work/linux-source-6.1"
+build_kernel() {
+	log "unpacking linux-source-6.1 into $work"
+	tar -C "$work" -xJf /usr/src/linux-source-6.1.tar.xz
+	src="$work/linux-source-6.1"
 
-# Reproducible build metadata.
-export KBUILD_BUILD_TIMESTAMP="1970-01-01 00:00:00 UTC"
-export KBUILD_BUILD_USER=kvmkit
-export KBUILD_BUILD_HOST=kvmkit
-export KBUILD_BUILD_VERSION=1
-export SOURCE_DATE_EPOCH=0
-export ARCH=x86_64
-jobs="${KVMKIT_TESTKERNEL_JOBS:-$(nproc)}"
+	# Reproducible build metadata.
+	export KBUILD_BUILD_TIMESTAMP="1970-01-01 00:00:00 UTC"
+	export KBUILD_BUILD_USER=kvmkit
+	export KBUILD_BUILD_HOST=kvmkit
+	export KBUILD_BUILD_VERSION=1
+	export SOURCE_DATE_EPOCH=0
+	export ARCH=x86_64
+	jobs="${KVMKIT_TESTKERNEL_JOBS:-$(nproc)}"
 
-log "configuring (tinyconfig + kvmkit.config)"
-make -C "$src" -s tinyconfig >&2
-(cd "$src" && scripts/kconfig/merge_config.sh -m .config "$frag" >&2)
-make -C "$src" -s olddefconfig >&2
+	log "configuring (tinyconfig + kvmkit.config)"
+	make -C "$src" -s tinyconfig >&2
+	(cd "$src" && scripts/kconfig/merge_config.sh -m .config "$frag" >&2)
+	make -C "$src" -s olddefconfig >&2
 
-# Every option the fragment asks for must have survived dependency
-# resolution; otherwise the test kernel silently lacks a feature.
-missing=()
-while IFS= read -r line; do
-	case "$line" in
-	CONFIG_*=*)
-		grep -qxF "$line" "$src/.config" || missing+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$src/.config" || echo unset))")
-		;;
-	esac
-done <"$frag"
-if ((${#missing[@]})); then
-	log "config options lost in the final .config:"
-	printf '  %s\n' "${missing[@]}" >&2
-	exit 1
+	# Every option the fragment asks for must have survived dependency
+	# resolution; otherwise the test kernel silently lacks a feature.
+	missing=()
+	while IFS= read -r line; do
+		case "$line" in
+		CONFIG_*=*)
+			grep -qxF "$line" "$src/.config" || missing+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$src/.config" || echo unset))")
+			;;
+		esac
+	done <"$frag"
+	if ((${#missing[@]})); then
+		log "config options lost in the final .config:"
+		printf '  %s\n' "${missing[@]}" >&2
+		exit 1
+	fi
+
+	log "building bzImage with -j$jobs"
+	make -C "$src" -s -j"$jobs" bzImage >&2
+	kbuild=$(date +%s)
+	log "kernel built in $((kbuild - start))s"
+	kstage="$work/kernel"
+	mkdir -p "$kstage"
+	cp "$src/arch/x86/boot/bzImage" "$src/vmlinux" "$kstage/"
+	cp "$src/.config" "$kstage/config"
+	rm -rf "$kout" "$src"
+	mv "$kstage" "$kout"
+}
+
+if ((kernel_cached)); then
+	log "reusing cached kernel $kout"
+else
+	build_kernel
 fi
-
-log "building bzImage with -j$jobs"
-make -C "$src" -s -j"$jobs" bzImage >&2
-kbuild=$(date +%s)
-log "kernel built in $((kbuild - start))s"
 
 # --- initramfs -----------------------------------------------------------
 root="$work/initramfs"
@@ -133,8 +155,7 @@ find "$root" -exec touch -h -d @0 {} +
 # --- publish -------------------------------------------------------------
 stage="$work/out"
 mkdir -p "$stage"
-cp "$src/arch/x86/boot/bzImage" "$src/vmlinux" "$work/initramfs.cpio.gz" "$stage/"
-cp "$src/.config" "$stage/config"
+cp "$kout/bzImage" "$kout/vmlinux" "$kout/config" "$work/initramfs.cpio.gz" "$stage/"
 (cd "$stage" && sha256sum bzImage vmlinux initramfs.cpio.gz >SHA256SUMS)
 rm -rf "$out"
 mv "$stage" "$out"

@@ -14,7 +14,9 @@
 #   kvmkit.sum=HEX         disk: expected sha256 of all of /dev/vda
 #   kvmkit.ip=A.B.C.D/NN   net: static address (default: DHCP via udhcpc)
 #   kvmkit.gw=A.B.C.D      net: gateway/host to contact (default: DHCP router)
-#   kvmkit.port=N          net: TCP port of an HTTP server on the gateway (default 80)
+#   kvmkit.port=N          net: TCP port on the gateway (default 80); an HTTP
+#                          GET is sent and PASS means any reply (first= shows
+#                          its first line, spaces as _)
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
 mount -t proc proc /proc
@@ -99,10 +101,16 @@ net)
 	addr=$(ip -4 -o addr show dev eth0 2>/dev/null | awk '{print $4}')
 	if [ -z "$addr" ] || [ -z "$gw" ]; then
 		result FAIL reason=no-address addr=$addr gw=$gw
-	elif body=$(wget -q -T 10 -O - "http://$gw:$port/" 2>/dev/null); then
-		result PASS addr=$addr gw=$gw port=$port bytes=$(printf %s "$body" | wc -c)
 	else
-		result FAIL reason=http-failed addr=$addr gw=$gw port=$port
+		# busybox nc, not wget: the static busybox's wget crashes in this
+		# kernel's user space (resolver); nc with a numeric address is fine.
+		resp=$(printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' "$gw" | nc -w 10 "$gw" "$port" 2>/dev/null)
+		first=$(printf '%s\n' "$resp" | head -n 1 | tr -d '\r' | tr ' ' '_')
+		if [ -n "$resp" ]; then
+			result PASS addr=$addr gw=$gw port=$port bytes=$(printf %s "$resp" | wc -c) first=$first
+		else
+			result FAIL reason=no-response addr=$addr gw=$gw port=$port
+		fi
 	fi
 	;;
 rng)
