@@ -49,7 +49,7 @@ elif [[ "${KVMKIT_SKIP_LAB:-}" == 1 ]]; then
 else
 	step "KVM tests in the nested lab (no /dev/kvm on this host)"
 	# The packages whose tests use /dev/kvm (the others ran above).
-	go run ./tools/nestlab gotest --testkernel --timeout 40m \
+	go run ./tools/nestlab gotest --testkernel --timeout 40m --pkgtimeout 12m \
 		./kvm ./kvm/machine ./migration/machinevm ./examples/vmm
 fi
 echo

@@ -61,13 +61,12 @@ func linuxKernelDir(t testing.TB) string {
 
 // linuxRun describes one `vmm run --kernel` of the test kernel.
 type linuxRun struct {
-	kernel  string   // file in the kernel directory (default bzImage)
-	cpus    int      // --cpus (default 1)
-	test    string   // kvmkit.test= (default boot)
-	params  []string // more kernel parameters
-	args    []string // more vmm flags
-	stdin   string   // fed to COM1 with --stdin when not empty ...
-	stdinAt string   // ... once this appears on COM1 (as a user would type)
+	kernel  string      // file in the kernel directory (default bzImage)
+	cpus    int         // --cpus (default 1)
+	test    string      // kvmkit.test= (default boot)
+	params  []string    // more kernel parameters
+	args    []string    // more vmm flags
+	steps   []linuxStep // input typed into COM1 (--stdin) as output appears
 	timeout time.Duration
 }
 
@@ -85,48 +84,57 @@ type linuxResult struct {
 	rssAnonPeak, rssShmemPeak int64
 }
 
+// linuxStep types input into COM1 when at first appears on it, as a user
+// would: input piped in at once would reach the UART while the kernel
+// probes it, which flushes the FIFO. If do is set it runs first (in its own
+// goroutine) and what it returns is typed after input.
+type linuxStep struct {
+	at    string
+	input string
+	do    func() string
+}
+
 // markWriter is a goroutine-safe buffer that records when a marker first
-// appears in what is written, and closes gate when gateAt appears.
+// appears in what is written and runs the steps whose text appears.
 type markWriter struct {
 	mu     sync.Mutex
 	buf    bytes.Buffer
 	marker []byte
 	start  time.Time
 	seen   time.Duration
-	gateAt []byte
-	gate   chan struct{}
+	steps  []linuxStep
+	fired  []bool
+	typeIn io.Writer
 }
 
 func (w *markWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	from := max(0, w.buf.Len()-max(len(w.marker), len(w.gateAt)))
 	w.buf.Write(p)
-	tail := w.buf.Bytes()[from:]
-	if w.seen == 0 && bytes.Contains(tail, w.marker) {
+	if w.seen == 0 && bytes.Contains(w.tail(len(w.marker), len(p)), w.marker) {
 		w.seen = time.Since(w.start)
 	}
-	if w.gateAt != nil && bytes.Contains(tail, w.gateAt) {
-		close(w.gate)
-		w.gateAt = nil
+	for i, st := range w.steps {
+		if w.fired[i] || !bytes.Contains(w.tail(len(st.at), len(p)), []byte(st.at)) {
+			continue
+		}
+		w.fired[i] = true
+		go func() {
+			in := st.input
+			if st.do != nil {
+				in += st.do()
+			}
+			_, _ = io.WriteString(w.typeIn, in)
+		}()
 	}
 	return len(p), nil
 }
 
-// gatedReader returns its data only after open is closed, and EOF at once
-// after done is closed.
-type gatedReader struct {
-	open, done <-chan struct{}
-	r          io.Reader
-}
-
-func (g *gatedReader) Read(p []byte) (int, error) {
-	select {
-	case <-g.open:
-		return g.r.Read(p)
-	case <-g.done:
-		return 0, io.EOF
-	}
+// tail returns the bytes in which a k-byte string that ends in the last n
+// written bytes can start.
+func (w *markWriter) tail(k, n int) []byte {
+	b := w.buf.Bytes()
+	return b[max(0, len(b)-n-k):]
 }
 
 func (w *markWriter) result() (string, time.Duration) {
@@ -174,7 +182,7 @@ func bootLinux(t testing.TB, dir string, r linuxRun) linuxResult {
 		"--cmdline", strings.Join(cmdline, " "),
 		"--cpus", strconv.Itoa(r.cpus),
 	}
-	if r.stdin != "" {
+	if len(r.steps) > 0 {
 		args = append(args, "--stdin")
 	}
 	args = append(args, r.args...)
@@ -212,17 +220,11 @@ func bootLinux(t testing.TB, dir string, r linuxRun) linuxResult {
 	}()
 
 	start := time.Now()
-	out := &markWriter{marker: []byte(linuxInitMarker), start: start}
-	var stdin io.Reader = strings.NewReader(r.stdin)
-	if r.stdinAt != "" {
-		// Input piped in at once would reach the UART while the kernel
-		// probes it, which flushes the FIFO; type it when the guest is
-		// ready instead.
-		out.gateAt, out.gate = []byte(r.stdinAt), make(chan struct{})
-		stdin = &gatedReader{open: out.gate, done: done, r: stdin}
-	}
+	stdin, typeIn := io.Pipe()
+	out := &markWriter{marker: []byte(linuxInitMarker), start: start, steps: r.steps, fired: make([]bool, len(r.steps)), typeIn: typeIn}
 	var errb lockedBuffer
 	res.code = run(args, stdin, out, &errb)
+	_ = typeIn.Close() // ends the UART's input pump and any pending step
 	res.total = time.Since(start)
 	watchdog.Stop()
 	close(done)
@@ -357,7 +359,7 @@ func TestLinuxReboot(t *testing.T) {
 // TestLinuxSerialInput drives the init shell through COM1's receive side.
 func TestLinuxSerialInput(t *testing.T) {
 	dir := linuxKernelDir(t)
-	res := bootLinux(t, dir, linuxRun{test: "shell", stdin: "echo sum=$((6*7))\npoweroff -f\n", stdinAt: "action=shell", timeout: time.Minute})
+	res := bootLinux(t, dir, linuxRun{test: "shell", steps: []linuxStep{{at: "action=shell", input: "echo sum=$((6*7))\npoweroff -f\n"}}, timeout: time.Minute})
 	assert.Equal(t, 0, res.code, res.stderr)
 	requireGuestTest(t, res, "shell", "PASS")
 	assert.Contains(t, res.stdout, "sum=42", "the shell read and ran the command")
@@ -444,7 +446,7 @@ func TestLinuxVirtioNetUser(t *testing.T) {
 		fmt.Sprintf("wget -q -O /tmp/body http://$(cat /tmp/gateway):%d/ && echo NET-HTTP bytes=$(wc -c </tmp/body) sum=$(sha256sum </tmp/body | cut -c1-64)", port),
 		"poweroff -f",
 	}, "\n") + "\n"
-	res := bootLinux(t, dir, linuxRun{test: "shell", stdin: script, stdinAt: "action=shell", timeout: 2 * time.Minute, args: []string{"--net", "user"}})
+	res := bootLinux(t, dir, linuxRun{test: "shell", steps: []linuxStep{{at: "action=shell", input: script}}, timeout: 2 * time.Minute, args: []string{"--net", "user"}})
 	assert.Equal(t, 0, res.code, res.stderr)
 	requireGuestTest(t, res, "shell", "PASS")
 	lease := regexp.MustCompile(`NET-LEASE addr=(10\.0\.2\.\d+)/24 gw=(\S+)`).FindStringSubmatch(res.stdout)
@@ -457,6 +459,55 @@ func TestLinuxVirtioNetUser(t *testing.T) {
 	n := 0
 	hits.Range(func(_, _ any) bool { n++; return true })
 	assert.Equal(t, 1, n, "the host server saw the guest's request")
+}
+
+// TestLinuxVirtioNetHostForward: a host port forward reaches an HTTP server
+// in the guest (busybox httpd on port 8080).
+func TestLinuxVirtioNetHostForward(t *testing.T) {
+	dir := linuxKernelDir(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	hostPort := ln.Addr().(*net.TCPAddr).Port
+	require.NoError(t, ln.Close())
+	const page = "kvmkit-guest-page"
+	type fetched struct {
+		body string
+		err  error
+	}
+	results := make(chan fetched, 1)
+	fetch := func() string {
+		c := &http.Client{Timeout: 20 * time.Second}
+		resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/", hostPort))
+		if err != nil {
+			results <- fetched{err: err}
+			return "poweroff -f\n"
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		results <- fetched{string(b), err}
+		return "poweroff -f\n"
+	}
+	script := strings.Join([]string{
+		"ip link set lo up; ip link set eth0 up",
+		"udhcpc -i eth0 -n -q -t 5 -s /etc/udhcpc.script >/dev/null 2>&1",
+		"mkdir -p /tmp/www; echo " + page + " >/tmp/www/index.html",
+		"httpd -p 8080 -h /tmp/www && echo FWD-$((40+2))-READY", // the echo of this line does not match
+	}, "\n") + "\n"
+	res := bootLinux(t, dir, linuxRun{
+		test:    "shell",
+		steps:   []linuxStep{{at: "action=shell", input: script}, {at: "FWD-42-READY", do: fetch}},
+		timeout: 2 * time.Minute,
+		args:    []string{"--net", fmt.Sprintf("user,hostfwd=tcp:127.0.0.1:%d-:8080", hostPort)},
+	})
+	assert.Equal(t, 0, res.code, res.stderr)
+	require.Contains(t, res.stdout, "FWD-42-READY", "the guest server did not start; COM1:\n%s", res.stdout)
+	select {
+	case f := <-results:
+		require.NoError(t, f.err)
+		assert.Equal(t, page+"\n", f.body)
+	default:
+		t.Fatal("the host never fetched the page")
+	}
 }
 
 // TestLinuxVirtioConsole boots with the console on virtio-console (hvc0).

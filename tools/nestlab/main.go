@@ -403,7 +403,9 @@ func (a *app) cmdExec(ctx context.Context, args []string) (int, error) {
 func (a *app) cmdGotest(ctx context.Context, args []string) (int, error) {
 	var c common
 	var runRE, benchRE, benchtime, count string
+	var pkgTimeout time.Duration
 	rest, err := a.parse("gotest", args, &c, func(fs *flag.FlagSet) {
+		fs.DurationVar(&pkgTimeout, "pkgtimeout", 0, "-test.timeout for every package (default: --timeout); a hung package then panics with its goroutines' stacks and the next package runs")
 		fs.StringVar(&runRE, "run", "", "-test.run for every package")
 		fs.StringVar(&benchRE, "bench", "", "-test.bench for every package")
 		fs.StringVar(&benchtime, "benchtime", "", "-test.benchtime for every package")
@@ -472,7 +474,10 @@ func (a *app) cmdGotest(ctx context.Context, args []string) (int, error) {
 			targs = append(targs, "-test."+f.name+"="+f.val)
 		}
 	}
-	targs = append(targs, "-test.timeout="+c.timeout.String())
+	if pkgTimeout <= 0 {
+		pkgTimeout = c.timeout
+	}
+	targs = append(targs, "-test.timeout="+pkgTimeout.String())
 
 	opts := a.options(&c)
 	rep := newPkgReporter(a.stdout, pkgs)
