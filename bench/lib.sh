@@ -59,14 +59,16 @@ bench_pack_elf() {
 	done
 }
 
-# bench_pack_qemu: qemu-system-x86_64 at $stage/bin/qemu-system-x86_64
-# with its libraries and the x86 firmware and option ROMs (SeaBIOS, qboot,
-# the linuxboot/multiboot/pvh ROMs, kvmvapic, iPXE ROMs) at their host
-# paths.
+# bench_pack_qemu: qemu-system-x86_64 at /usr/bin/qemu-system-x86_64 in
+# L1 (QEMU looks for firmware relative to its binary: ../share/qemu,
+# ../share/seabios, ../lib/ipxe/qemu) with its libraries and the x86
+# firmware and option ROMs (SeaBIOS, qboot, the linuxboot/multiboot/pvh
+# ROMs, kvmvapic, iPXE ROMs) at their host paths.
 bench_pack_qemu() {
 	local qemu
 	qemu=$(command -v qemu-system-x86_64) || bench_die "qemu-system-x86_64 not found: apt-get install qemu-system-x86"
-	cp -L "$qemu" "$stage/bin/qemu-system-x86_64"
+	mkdir -p "$stage/sys/usr/bin"
+	cp -L "$qemu" "$stage/sys/usr/bin/qemu-system-x86_64"
 	bench_pack_elf "$qemu"
 	local d f
 	for d in /usr/share/seabios /usr/lib/ipxe/qemu; do

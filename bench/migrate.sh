@@ -126,7 +126,7 @@ vmm_one() { # guest run
 		kill -0 $dst 2>/dev/null || st=exited
 		grep -q "LOST WRITE" $t/vdst.log && st=lost-write
 		js=$(tr -d '\n' <$t/vmig.json)
-		echo "ROW kvmkit-vmm-$g ${js%\}},\"target\":\"$st\"}" >>$rows
+		echo "ROW kvmkit-vmm-$g ${js%\}},\"target\":\"$st\"}" | tee -a $rows
 	else
 		note "vmm migrate $g (run $n) failed: $(cat $t/vmig.err)"
 		tail -5 $t/vsrc.log $t/vdst.log >&2
@@ -155,7 +155,8 @@ done
 if [ -n "$re" ]; then
 	$bin/machinevm.test -test.run '^$' -test.bench "^(${re#|})\$" -test.benchtime 1x -test.count $runs >$t/gobench.out 2>&1 || {
 		note "go benchmarks failed:"; cat $t/gobench.out >&2; fail=1; }
-	sed -e 's/^BenchmarkMigrateIdle1GiB/kvmkit-go-idle/' -e 's/^BenchmarkMigrateDirty/kvmkit-go-dirty/' $t/gobench.out >>$rows
+	sed -e 's/^BenchmarkMigrateIdle1GiB/kvmkit-go-idle/' -e 's/^BenchmarkMigrateDirty/kvmkit-go-dirty/' $t/gobench.out |
+		grep '^kvmkit-go' | tee -a $rows
 fi
 
 # --- QEMU -------------------------------------------------------------------
@@ -165,7 +166,7 @@ qemu_start() {
 	shift 2
 	rm -f $t/$name.sock $t/$name.log
 	cp $disk $t/$name.img
-	$bin/qemu-system-x86_64 -accel kvm -m 1G -smp 1 -nodefaults -no-user-config -display none \
+	/usr/bin/qemu-system-x86_64 -accel kvm -m 1G -smp 1 -nodefaults -no-user-config -display none \
 		-drive file=$t/$name.img,format=raw,if=ide -serial file:$t/$name.log \
 		-device isa-debug-exit,iobase=0xf4,iosize=1 \
 		-qmp unix:$t/$name.sock,server=on,wait=off "$@" >$t/$name.out 2>&1 &
@@ -186,9 +187,9 @@ qemu_one() { # guest run label extra-qmp-migrate-flags...
 		-uri tcp:127.0.0.1:4444 -timeout 5m "$@" >$t/qmig.row 2>$t/qmig.err; then
 		sleep 1
 		if grep -q "LOST WRITE" $t/qdst.log; then
-			sed 's/"target":"[a-z-]*"/"target":"lost-write"/' $t/qmig.row >>$rows
+			sed 's/"target":"[a-z-]*"/"target":"lost-write"/' $t/qmig.row | tee -a $rows
 		else
-			cat $t/qmig.row >>$rows
+			tee -a $rows <$t/qmig.row
 		fi
 	else
 		note "qemu migrate $g (run $n) failed: $(cat $t/qmig.err)"

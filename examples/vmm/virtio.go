@@ -116,6 +116,7 @@ func (v *virtioFlags) attach(m *machine.Machine, f *runFlags) error {
 		if err != nil {
 			return fmt.Errorf("--disk %s: %w", d.path, err)
 		}
+		m.AddFlusher(b.Sync)
 		add(fmt.Sprintf("virtio-blk%d", i), b)
 	}
 	for i, s := range v.nets {

@@ -117,6 +117,7 @@ type Machine struct {
 
 	manualTried bool
 	announcers  []func() error
+	flushers    []func() error
 }
 
 // New creates the VM, its memory, vCPUs and platform devices.
@@ -371,6 +372,26 @@ func (m *Machine) AddAnnouncer(f func() error) {
 func (m *Machine) Announce() error {
 	m.mu.Lock()
 	fs := append([]func() error(nil), m.announcers...)
+	m.mu.Unlock()
+	var errs []error
+	for _, f := range fs {
+		errs = append(errs, f())
+	}
+	return errors.Join(errs...)
+}
+
+// AddFlusher registers a function Flush calls (a disk's sync).
+func (m *Machine) AddFlusher(f func() error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.flushers = append(m.flushers, f)
+}
+
+// Flush runs every flusher (write disks to stable storage) and joins
+// their errors; migration calls it while paused, before the switch-over.
+func (m *Machine) Flush() error {
+	m.mu.Lock()
+	fs := append([]func() error(nil), m.flushers...)
 	m.mu.Unlock()
 	var errs []error
 	for _, f := range fs {

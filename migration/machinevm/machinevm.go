@@ -40,7 +40,8 @@ type Source struct {
 	M *machine.Machine
 	// App is stored in Extra.App for the target's Build function.
 	App json.RawMessage
-	// Flush is called, paused, before the switch-over (flush disks).
+	// FlushFunc, if set, replaces the machine's Flush (its disks' sync),
+	// called while paused before the switch-over.
 	FlushFunc func() error
 }
 
@@ -96,7 +97,7 @@ func (s *Source) SaveState() ([]byte, error) {
 // Flush implements migration.Source.
 func (s *Source) Flush() error {
 	if s.FlushFunc == nil {
-		return nil
+		return s.M.Flush()
 	}
 	return s.FlushFunc()
 }

@@ -148,6 +148,10 @@ func New(f *os.File, opts Options) (*Device, error) {
 // Close closes the image file. Reset the device (or stop the VM) first.
 func (d *Device) Close() error { return d.f.Close() }
 
+// Sync writes the image's data to stable storage (before a migration's
+// switch-over, so the target on shared storage sees every completed write).
+func (d *Device) Sync() error { return d.f.Sync() }
+
 // Capacity returns the disk size in sectors.
 func (d *Device) Capacity() uint64 { return d.sectors }
 
