@@ -50,7 +50,7 @@ else
 	step "KVM tests in the nested lab (no /dev/kvm on this host)"
 	# The packages whose tests use /dev/kvm (the others ran above).
 	go run ./tools/nestlab gotest --testkernel --timeout 40m --pkgtimeout 12m \
-		./kvm ./kvm/machine ./migration/machinevm ./examples/vmm
+		./kvm ./kvm/machine ./migration/machinevm ./examples/...
 fi
 echo
 echo "tools/test.sh: all steps passed"

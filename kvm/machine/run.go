@@ -170,7 +170,7 @@ func (m *Machine) startWatchdog(ctx context.Context, r *kvm.Runner) error {
 			return r.Exits() + m.uart.Stats().TxBytes + pausedTicks
 		},
 		OnStall: func(e *devices.StallError) {
-			m.fail(&kvm.GuestCrash{Kind: kvm.CrashWatchdog, VCPU: -1, Detail: e.Error(), Err: e})
+			m.fail(&kvm.GuestCrash{Kind: kvm.CrashWatchdog, VCPU: -1, Err: e})
 		},
 	})
 	if err != nil {
