@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/kvmkit/kvmkit/isolation"
 	"github.com/kvmkit/kvmkit/kvm"
 	"github.com/kvmkit/kvmkit/kvm/guests"
 	"github.com/kvmkit/kvmkit/kvm/machine"
@@ -326,26 +327,11 @@ func load(m *machine.Machine, c Case) error {
 	}
 }
 
-// parseSize parses 4096, 64K, 128M, 1G.
+// parseSize parses 4096, 64K, 128M, 1G; zero is refused.
 func parseSize(s string) (uint64, error) {
-	t := strings.ToUpper(strings.TrimSpace(s))
-	mult := uint64(1)
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		}
-		if mult != 1 {
-			t = t[:n-1]
-		}
-	}
-	v, err := strconv.ParseUint(t, 10, 64)
-	if err != nil || v == 0 || v > (1<<40)/mult {
+	n, err := isolation.ParseSize(s)
+	if err != nil || n == 0 {
 		return 0, fmt.Errorf("size %q: want e.g. 64M", s)
 	}
-	return v * mult, nil
+	return uint64(n), nil
 }

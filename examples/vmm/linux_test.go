@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -25,6 +26,10 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvmkit/kvmkit/kvm"
+	"github.com/kvmkit/kvmkit/kvm/machine"
+	"github.com/kvmkit/kvmkit/virtio/mmio"
+	vnet "github.com/kvmkit/kvmkit/virtio/net"
+	"github.com/kvmkit/kvmkit/virtio/vswitch"
 )
 
 // The Linux guest tests boot the kvmkit test kernel (tools/testkernel) with
@@ -532,6 +537,88 @@ func TestLinuxVirtioConsole(t *testing.T) {
 	kt, ok := lastTestLine(out)
 	require.True(t, ok, "no KVMKIT-TEST line on hvc0:\n%s", out)
 	assert.Equal(t, "PASS", kt.result, kt.line)
+}
+
+// TestLinuxTwoVMsSwitch connects two guests, built with the library in this
+// process, through a vswitch (a virtio-net device on one port each) and
+// has one ping the other on static addresses. vmm has no switch flag yet.
+func TestLinuxTwoVMsSwitch(t *testing.T) {
+	dir := linuxKernelDir(t)
+	kernel, err := os.ReadFile(filepath.Join(dir, "bzImage"))
+	require.NoError(t, err)
+	initrd, err := os.ReadFile(filepath.Join(dir, "initramfs.cpio.gz"))
+	require.NoError(t, err)
+	sw := vswitch.New(vswitch.Options{})
+
+	type vm struct {
+		m    *machine.Machine
+		out  *markWriter
+		in   *io.PipeWriter
+		port *vswitch.Port
+	}
+	boot := func(name string, steps []linuxStep) *vm {
+		inR, inW := io.Pipe()
+		out := &markWriter{marker: []byte(linuxInitMarker), start: time.Now(), steps: steps, fired: make([]bool, len(steps)), typeIn: inW}
+		m, err := machine.New(machine.Config{MemSize: 256 << 20, Serial: out, SerialIn: inR, WatchConsole: true})
+		require.NoError(t, err)
+		t.Cleanup(func() { m.Close(); inW.Close() })
+		port, err := sw.AddPort(name, vswitch.LinkOptions{})
+		require.NoError(t, err)
+		nic, err := vnet.New(port, vnet.Options{})
+		require.NoError(t, err)
+		tr := mmio.New(nic, m.Mem(), m.IRQ(5), mmio.Options{})
+		require.NoError(t, m.AddDevice("virtio-net0", true, machine.VirtioMMIOBase, mmio.Size, tr))
+		m.AddCloser(nic)
+		cmdline := "console=ttyS0 quiet kvmkit.test=shell " + mmio.CmdlineArg(machine.VirtioMMIOBase, 0x1000, 5)
+		_, err = m.LoadLinux(kernel, initrd, cmdline, machine.LinuxOptions{})
+		require.NoError(t, err)
+		return &vm{m: m, out: out, in: inW, port: port}
+	}
+	// waitOutput polls v's console for s (the guests run concurrently).
+	waitOutput := func(v **vm, s string) bool {
+		for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			if out, _ := (*v).out.result(); strings.Contains(out, s) {
+				return true
+			}
+		}
+		return false
+	}
+	up := func(ip, tag string) string {
+		return fmt.Sprintf("ip link set eth0 up; ip addr add %s/24 dev eth0; echo %s-$((1+1))-UP\n", ip, tag)
+	}
+	var a, b *vm
+	aDone := make(chan struct{})
+	a = boot("a", []linuxStep{
+		{at: "action=shell", input: up("10.0.3.1", "A")},
+		{at: "A-2-UP", do: func() string {
+			waitOutput(&b, "B-2-UP")
+			return "ping -c 3 -W 10 10.0.3.2 && echo PING-$((6*7))-OK; poweroff -f\n"
+		}},
+	})
+	b = boot("b", []linuxStep{
+		{at: "action=shell", input: up("10.0.3.2", "B")},
+		{at: "B-2-UP", do: func() string { <-aDone; return "poweroff -f\n" }},
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), linuxTimeout)
+	defer cancel()
+	require.NoError(t, a.m.Start(ctx))
+	require.NoError(t, b.m.Start(ctx))
+	resA, errA := a.m.Wait()
+	close(aDone)
+	resB, errB := b.m.Wait()
+	outA, _ := a.out.result()
+	outB, _ := b.out.result()
+	require.NoError(t, errA, "A:\n%s", outA)
+	require.NoError(t, errB, "B:\n%s", outB)
+	assert.Equal(t, kvm.StopPowerOff, resA.Reason, outA)
+	assert.Equal(t, kvm.StopPowerOff, resB.Reason, outB)
+	assert.Contains(t, outA, "PING-42-OK", "A pinged B through the switch; A:\n%s\nB:\n%s", outA, outB)
+	assert.Contains(t, outA, "3 packets transmitted, 3 packets received")
+	sa, sb := a.port.Stats(), b.port.Stats()
+	t.Logf("switch ports: a %+v, b %+v", sa, sb)
+	assert.GreaterOrEqual(t, sa.IngressFrames, uint64(3), "A's echo requests went through port a")
+	assert.GreaterOrEqual(t, sb.IngressFrames, uint64(3), "B's echo replies went through port b")
 }
 
 // BenchmarkLinuxBoot measures a whole run of the test kernel (boot to init,

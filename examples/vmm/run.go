@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/kvmkit/kvmkit/isolation"
 	"github.com/kvmkit/kvmkit/kvm"
 	"github.com/kvmkit/kvmkit/kvm/guests"
 	"github.com/kvmkit/kvmkit/kvm/machine"
@@ -124,33 +124,14 @@ func (f *runFlags) memSize() uint64 {
 	return n
 }
 
-// parseSize parses sizes like 4096, 64K, 128M, 1G, 2GiB.
+// parseSize parses sizes like 4096, 64K, 128M, 1G, 2GiB (isolation's
+// parser, which the jail flags use too); zero is refused.
 func parseSize(s string) (uint64, error) {
-	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "IB"), "B")
-	mult := uint64(1)
-	if t != "" {
-		switch t[len(t)-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult != 1 {
-			t = t[:len(t)-1]
-		}
-	}
-	n, err := strconv.ParseUint(t, 10, 64)
+	n, err := isolation.ParseSize(s)
 	if err != nil || n == 0 {
 		return 0, fmt.Errorf("size %q: want a positive number with an optional K, M, G or T suffix", s)
 	}
-	if n > (1<<50)/mult {
-		return 0, fmt.Errorf("size %q: too large", s)
-	}
-	return n * mult, nil
+	return uint64(n), nil
 }
 
 // buildMachine assembles a machine for f without loading a guest.
