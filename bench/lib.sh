@@ -89,30 +89,24 @@ bench_pack_qemu() {
 	fi
 }
 
-# bench_testkernel: waits (polling each minute, up to
-# KVMKIT_BENCH_KERNEL_WAIT seconds, default 3600) for a cached test kernel
-# build (~/.cache/kvmkit/testkernel-*/bzImage) so that --testkernel reuses
-# it instead of starting a second build while one runs. Prints its dir.
+# bench_testkernel: prints the test kernel's directory. While another
+# tools/testkernel/build.sh runs it waits (polling each minute, up to
+# KVMKIT_BENCH_KERNEL_WAIT seconds, default 3600) instead of starting a
+# second build; then build.sh returns its cached output (or builds it).
+# $KVMKIT_TEST_KERNEL_DIR, if set, is used as is.
 bench_testkernel() {
-	local waited=0 limit=${KVMKIT_BENCH_KERNEL_WAIT:-3600} d
-	while :; do
-		for d in "${KVMKIT_TEST_KERNEL_DIR:-}" "$HOME"/.cache/kvmkit/testkernel-*/; do
-			d=${d%/}
-			if [ -n "$d" ] && [ -f "$d/bzImage" ] && [ -f "$d/initramfs.cpio.gz" ]; then
-				echo "$d"
-				return 0
-			fi
-		done
-		if ! pgrep -f 'tools/testkernel/build.sh' >/dev/null 2>&1 && [ "$waited" -eq 0 ]; then
-			# Nobody is building it: let nestlab --testkernel build it.
-			echo ""
-			return 0
-		fi
-		[ "$waited" -ge "$limit" ] && bench_die "the test kernel did not appear within ${limit}s"
-		bench_log "waiting for the test kernel build to finish (${waited}s)"
+	if [ -n "${KVMKIT_TEST_KERNEL_DIR:-}" ]; then
+		echo "$KVMKIT_TEST_KERNEL_DIR"
+		return 0
+	fi
+	local waited=0 limit=${KVMKIT_BENCH_KERNEL_WAIT:-3600}
+	while pgrep -f 'tools/testkernel/build.sh' >/dev/null 2>&1; do
+		[ "$waited" -ge "$limit" ] && bench_die "a test kernel build still runs after ${limit}s"
+		bench_log "waiting for the running test kernel build (${waited}s)"
 		sleep 60
 		waited=$((waited + 60))
 	done
+	bash "$root/tools/testkernel/build.sh" | tail -n 1
 }
 
 # bench_lab TIMEOUT [NESTLAB FLAGS...]: boot the lab once with $stage/bin

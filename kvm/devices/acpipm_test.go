@@ -49,3 +49,33 @@ func TestACPIPM(t *testing.T) {
 	}
 	NewACPIPM(nil).Write(4, le16(5<<10|1<<13)) // nil callback is allowed
 }
+
+func FuzzACPIPM(f *testing.F) {
+	f.Add([]byte{0x04, 0x00, 0x05, 0x34, 0x82, 0x00})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		p := NewACPIPM(func(typ uint8) {
+			if typ > 7 {
+				t.Fatalf("sleep type %d does not fit SLP_TYP", typ)
+			}
+		})
+		for i := 0; i+1 < len(ops); i += 2 {
+			off := uint64(ops[i] & 0x07)
+			n := 1 + int(ops[i]>>4&0x3)
+			if ops[i]&0x80 != 0 {
+				p.Read(off, make([]byte, n))
+				continue
+			}
+			b := make([]byte, n)
+			for j := range b {
+				b[j] = ops[i+1] + byte(j)
+			}
+			p.Write(off, b)
+			var cnt [2]byte
+			p.Read(4, cnt[:])
+			v := binary.LittleEndian.Uint16(cnt[:])
+			if v&pm1CntSCIEn == 0 || v&pm1CntSlpEn != 0 {
+				t.Fatalf("PM1_CNT reads %#04x: SCI_EN must read 1, SLP_EN 0", v)
+			}
+		}
+	})
+}
