@@ -59,9 +59,12 @@ if [ "$interleave" = 1 ]; then
 	: >/tmp/go.out
 	r=1
 	while [ $r -le $rounds ]; do
-		echo "exits: round $r of $rounds" >&2
-		$b/bin/kvmbench -n $iters -r $repeats -k 1 -p $g/pioloop.bin -m $g/mmioloop.bin -c $g/exit42_16.bin >>/tmp/c.all || exit 1
-		$b/bin/kvm-machine.test -test.run '^$' -test.bench "$re" -test.benchtime $benchtime -test.count 1 >>/tmp/go.out || exit 1
+		echo "exits: round $r of $rounds: C at uptime $(cut -d' ' -f1 /proc/uptime)" >&2
+		timeout 300 $b/bin/kvmbench -n $iters -r $repeats -k 1 -p $g/pioloop.bin -m $g/mmioloop.bin -c $g/exit42_16.bin >>/tmp/c.all || {
+			echo "exits: kvmbench failed or took over 300s" >&2; exit 1; }
+		echo "exits: round $r of $rounds: Go at uptime $(cut -d' ' -f1 /proc/uptime)" >&2
+		$b/bin/kvm-machine.test -test.run '^$' -test.bench "$re" -test.benchtime $benchtime -test.count 1 -test.timeout 5m >>/tmp/go.out || {
+			echo "exits: Go benchmarks failed:" >&2; tail -n 40 /tmp/go.out >&2; exit 1; }
 		r=$((r + 1))
 	done
 	awk 'NF == 2 && $2 + 0 > 0 { if (!($1 in m) || $2 + 0 < m[$1]) m[$1] = $2 + 0 } END { for (k in m) print k, m[k] }' /tmp/c.all >/tmp/c.out

@@ -247,7 +247,7 @@ func targetFor(ctx context.Context, env *cliEnv, f *runFlags) *machinevm.Target 
 			if err != nil {
 				return nil, err
 			}
-			if err := f.virtio.attach(m, f); err != nil {
+			if err := f.virtio.attach(env, m, f); err != nil {
 				m.Close()
 				return nil, err
 			}

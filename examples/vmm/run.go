@@ -152,7 +152,7 @@ func buildMachine(env *cliEnv, f *runFlags) (*machine.Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := f.virtio.attach(m, f); err != nil {
+	if err := f.virtio.attach(env, m, f); err != nil {
 		m.Close()
 		return nil, err
 	}

@@ -95,11 +95,13 @@ func parseNet(s string) (netSpec, error) {
 	return netSpec{}, fmt.Errorf("--net %q: want user[,hostfwd=...] or tap:NAME", s)
 }
 
-// virtioIRQs are the GSIs given to virtio-mmio devices, in order.
-var virtioIRQs = []uint32{5, 6, 7, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23}
+// virtioIRQs are the GSIs given to virtio-mmio devices, in order: the
+// free ISA interrupts, which the MP and ACPI tables describe (COM1 has 4,
+// the i8042 1 and 12, the ACPI SCI 13).
+var virtioIRQs = []uint32{5, 6, 7, 9, 10, 11, 14, 15}
 
 // attach builds the devices and registers their virtio-mmio windows.
-func (v *virtioFlags) attach(m *machine.Machine, f *runFlags) error {
+func (v *virtioFlags) attach(env *cliEnv, m *machine.Machine, f *runFlags) error {
 	v.args = nil
 	var devs []struct {
 		name string
@@ -155,9 +157,9 @@ func (v *virtioFlags) attach(m *machine.Machine, f *runFlags) error {
 	if v.console == "virtio" {
 		var in io.Reader
 		if f.stdinIn || isTerminal(os.Stdin) {
-			in = os.Stdin
+			in = env.stdin
 		}
-		add("virtio-console", console.New(console.Options{Input: in, Output: os.Stdout}))
+		add("virtio-console", console.New(console.Options{Input: in, Output: env.stdout}))
 		v.args = append(v.args, "console=hvc0")
 	}
 	if len(devs) > len(virtioIRQs) {

@@ -315,7 +315,9 @@ func (m *Machine) setupDevices() error {
 	if m.cfg.SerialIn != nil {
 		go func() { _ = uart.Pump(context.Background(), m.cfg.SerialIn) }()
 	}
-	return nil
+	// The ACPI PM registers are always there, so a machine restored from a
+	// snapshot or a migration can still power off.
+	return m.addACPIPM()
 }
 
 // VM returns the KVM VM handle.
