@@ -24,6 +24,8 @@
 # KVMKIT_BENCH_ITERS (default 20000: an exit costs 50-150 us under the
 # lab's TCG, so kvm-exit.sh's 100000 would take minutes),
 # KVMKIT_BENCH_REPEATS (default 20), KVMKIT_BENCH_BENCHTIME (default 1s),
+# KVMKIT_BENCH_WATCHDOG (seconds before a hung benchmark is killed with a
+# diagnosis, default 240),
 # KVMKIT_BENCH_TIMEOUT (lab timeout, default 10m), KVMKIT_BENCH_KEEP,
 # KVMKIT_BENCH_LABFLAGS (see lib.sh).
 set -euo pipefail
@@ -51,9 +53,23 @@ iters=${KVMKIT_BENCH_ITERS:-20000}
 repeats=${KVMKIT_BENCH_REPEATS:-20}
 count=${KVMKIT_BENCH_COUNT:-3}
 benchtime=${KVMKIT_BENCH_BENCHTIME:-1s}
+watchdog=${KVMKIT_BENCH_WATCHDOG:-240}
 EOF
 cat >>"$stage/payload.sh" <<'PAYLOAD'
 g=$b/data/guests
+# Watchdog: kvmbench has been seen to hang in L1 (see the header). After
+# $watchdog s, show where it sits and kill it, so the run ends with a
+# diagnosis instead of the lab timeout.
+(
+	sleep $watchdog
+	for p in $(pidof kvmbench kvm-machine.test); do
+		echo "exits: watchdog: pid $p ($(cat /proc/$p/comm)) still running after ${watchdog}s: state $(grep State /proc/$p/status) wchan $(cat /proc/$p/wchan)" >&2
+		cat /proc/$p/stack >&2 2>/dev/null
+		for s in /proc/$p/task/*/stack; do echo "-- $s" >&2; cat $s >&2; done 2>/dev/null
+		kill -9 $p
+	done
+	dmesg | tail -n 20 >&2
+) &
 re='BenchmarkPIOExit|BenchmarkMMIOExit|BenchmarkCreateToFirstExit'
 echo "== KVM exits: kvmkit (Go) vs C reference, same L1, same guests =="
 if [ "$interleave" = 1 ]; then

@@ -232,13 +232,11 @@ func (q *Queue) parse(c *Chain, head uint16) error {
 			table, limit, idx, count, indirect = t, uint64(n/descSize), 0, 0, true
 			continue
 		}
-		var buf []byte
-		if n > 0 {
-			b, err := q.mem.Slice(addr, uint64(n))
-			if err != nil {
-				return cerr(errors.Join(ErrDescAddress, err), addr, uint64(n))
-			}
-			buf = b
+		// Even a zero-length buffer must name guest RAM: an address the
+		// device could never touch is still a malformed descriptor.
+		buf, err := q.mem.Slice(addr, uint64(n))
+		if err != nil {
+			return cerr(errors.Join(ErrDescAddress, err), addr, uint64(n))
 		}
 		write := flags&DescFlagWrite != 0
 		if !write && c.nReadable != len(c.Descs) {
