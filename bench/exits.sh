@@ -15,9 +15,9 @@
 # rounds, default 3: kvmbench -k 1, then the Go benchmarks -count 1), hands
 # the minima to kvm-exit.sh (KVMKIT_BENCH_CRESULTS/GORESULTS) for the
 # table and prints the per-round numbers: fairer when the shared host's
-# load drifts, but twice in the lab L1 stopped responding during a
-# kvmbench run that followed a Go run (not understood yet; the lab
-# timeout then ends the run with status 124).
+# load drifts. Known problem: in 4 of 7 lab runs L1 stopped making
+# progress while kvmbench ran, whether first or after a Go run (not
+# understood yet; the watchdog below reports where it sits).
 #
 # Environment: KVMKIT_BENCH_ROUNDS, KVMKIT_BENCH_INTERLEAVE (see above),
 # KVMKIT_BENCH_COUNT (default 3, non-interleaved runs and MachineBoot),
