@@ -37,9 +37,6 @@ func (j *jailFlags) register(cmd *cobra.Command) {
 
 func (j *jailFlags) enabled() bool { return j.dir != "" }
 
-// jailedFlag is set in the re-executed, jailed VMM (see main).
-type jailState struct{ jailed bool }
-
 // runJailed re-executes vmm inside a jail built from f.jail; the jailed
 // copy runs the guest exactly as `vmm run` would and its exit status is
 // passed through.

@@ -20,12 +20,11 @@ import (
 
 // Exit statuses of vmm besides the guest's own exit code.
 const (
-	exitUsage    = 2   // bad flags or arguments
-	exitFailure  = 1   // the VMM could not run the guest (no KVM, bad image, ...)
-	exitCrash    = 120 // the guest crashed (triple fault, panic, ...)
-	exitSIGINT   = 130 // stopped by SIGINT
-	exitSIGTERM  = 143 // stopped by SIGTERM
-	exitGuestRst = 0   // the guest reset or powered off
+	exitUsage   = 2   // bad flags or arguments
+	exitFailure = 1   // the VMM could not run the guest (no KVM, bad image, ...)
+	exitCrash   = 120 // the guest crashed (triple fault, panic, ...)
+	exitSIGINT  = 130 // stopped by SIGINT
+	exitSIGTERM = 143 // stopped by SIGTERM
 )
 
 // exitError carries an exit status out of a command.
@@ -51,7 +50,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	root := newRoot(ctx, stdin, stdout, stderr, jailed, args)
+	root := newRoot(stdin, stdout, stderr, jailed, args)
 	root.SetArgs(args)
 	err = root.ExecuteContext(ctx)
 	if err == nil {
@@ -97,7 +96,7 @@ type signalError struct{ sig syscall.Signal }
 
 func (e *signalError) Error() string { return "stopped by " + e.sig.String() }
 
-func newRoot(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, jailed bool, args []string) *cobra.Command {
+func newRoot(stdin io.Reader, stdout, stderr io.Writer, jailed bool, args []string) *cobra.Command {
 	var verbose bool
 	root := &cobra.Command{
 		Use:           "vmm",
