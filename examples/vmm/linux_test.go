@@ -166,7 +166,23 @@ func procStatusKiB(name string) int64 {
 }
 
 // bootLinux runs vmm on the test kernel as r describes.
+// bootLinux boots the test kernel once; a boot that dies of a triple fault
+// before the kernel printed anything at all is booted once more (logged).
+// In the nested lab such early triple faults happen in roughly one boot in
+// ten, at random, for bzImage boots, and have not been seen on a second
+// try; their cause (kvmkit's set-up or QEMU's emulated nested SVM) is
+// still open. Any other failure, or a second early triple fault, stands.
 func bootLinux(t testing.TB, dir string, r linuxRun) linuxResult {
+	t.Helper()
+	res := bootLinuxOnce(t, dir, r)
+	if res.code == exitCrash && strings.Contains(res.stderr, "triple fault") && strings.TrimSpace(res.stdout) == "" && len(r.steps) == 0 {
+		t.Logf("KNOWN LAB FLAKE: early triple fault before any console output (%s); booting once more", strings.TrimSpace(res.stderr))
+		res = bootLinuxOnce(t, dir, r)
+	}
+	return res
+}
+
+func bootLinuxOnce(t testing.TB, dir string, r linuxRun) linuxResult {
 	t.Helper()
 	if r.kernel == "" {
 		r.kernel = "bzImage"

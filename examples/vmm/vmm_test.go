@@ -218,6 +218,11 @@ func TestMigrateCLI(t *testing.T) {
 	t.Logf("vmm migrate --json: %s", strings.TrimSpace(out))
 
 	assert.Equal(t, 0, <-srcDone, "source vmm exits 0 after handing over: %s", srcErr.String())
+	select {
+	case code := <-dstDone:
+		t.Fatalf("the target vmm ended (status %d) right after receiving the VM: stderr %q, COM1 %q", code, dstErr.String(), dstOut.String())
+	case <-time.After(200 * time.Millisecond):
+	}
 	waitStatus(t, dstSock, "running")
 	time.Sleep(500 * time.Millisecond) // let the guest make passes on the target
 	code, _, errs = vmm("stop", "--control", dstSock)
