@@ -3,8 +3,11 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -209,7 +212,7 @@ func TestMigrateCLI(t *testing.T) {
 	waitStatus(t, srcSock, "running")
 
 	code, out, errs = vmm("migrate", "--control", srcSock, "--to", addr, "--json")
-	require.Equal(t, 0, code, "migrate: %s %s", out, errs)
+	require.Equal(t, 0, code, "migrate: %s %s\nsource vmm stderr: %s\ntarget vmm stderr: %s", out, errs, srcErr.String(), dstErr.String())
 	var sum map[string]any
 	require.NoError(t, json.Unmarshal([]byte(out), &sum), out)
 	for _, k := range []string{"downtime_ms", "total_ms", "rounds", "bytes_sent", "pages_sent"} {
@@ -232,10 +235,31 @@ func TestMigrateCLI(t *testing.T) {
 	t.Logf("target stderr: %s", dstErr.String())
 }
 
-// startVMM runs the CLI in-process in the background.
+// startVMM runs vmm as a separate process (this test binary re-executed;
+// see TestMain), as a user would run two VMMs, in the background.
 func startVMM(args ...string) (stdout, stderr *syncBuffer, done chan int) {
 	stdout, stderr, done = &syncBuffer{}, &syncBuffer{}, make(chan int, 1)
-	go func() { done <- run(args, strings.NewReader(""), stdout, stderr) }()
+	exe, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		done <- -1
+		return stdout, stderr, done
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = strings.NewReader(""), stdout, stderr
+	go func() {
+		err := cmd.Run()
+		var ee *exec.ExitError
+		switch {
+		case err == nil:
+			done <- 0
+		case errors.As(err, &ee):
+			done <- ee.ExitCode()
+		default:
+			fmt.Fprintln(stderr, err)
+			done <- -1
+		}
+	}()
 	return stdout, stderr, done
 }
 
