@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,15 +45,26 @@ func TestLoadLinux(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			kernel, err := os.ReadFile(filepath.Join(dir, tc.kernel))
 			require.NoError(t, err)
-			var out syncBuffer
-			m, err := machine.New(machine.Config{MemSize: 256 << 20, CPUs: tc.cpus, Serial: &out, WatchConsole: true})
-			require.NoError(t, err)
-			defer m.Close()
-			_, err = m.LoadLinux(kernel, initrd, "console=ttyS0 quiet kvmkit.test="+tc.test, tc.opts)
-			require.NoError(t, err)
-			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-			defer cancel()
-			res, err := m.Run(ctx)
+			boot := func() (kvm.Result, error, *syncBuffer) {
+				var out syncBuffer
+				m, err := machine.New(machine.Config{MemSize: 256 << 20, CPUs: tc.cpus, Serial: &out, WatchConsole: true})
+				require.NoError(t, err)
+				defer m.Close()
+				_, err = m.LoadLinux(kernel, initrd, "console=ttyS0 quiet kvmkit.test="+tc.test, tc.opts)
+				require.NoError(t, err)
+				ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+				defer cancel()
+				res, err := m.Run(ctx)
+				return res, err, &out
+			}
+			res, err, out := boot()
+			// In the nested lab about one boot in ten dies or stalls before
+			// the kernel prints anything (see examples/vmm's bootLinux); such
+			// a boot is tried once more, and logged. Anything else stands.
+			if err != nil && strings.TrimSpace(out.String()) == "" {
+				t.Logf("KNOWN LAB FLAKE: the guest ended without any console output (%v); booting once more", err)
+				res, err, out = boot()
+			}
 			require.NoError(t, err, "COM1:\n%s", out.String())
 			assert.Equal(t, tc.want, res, "COM1:\n%s", out.String())
 			assert.Contains(t, out.String(), "KVMKIT-INIT-OK")
