@@ -319,3 +319,19 @@ func TestControlSocketErrors(t *testing.T) {
 	assert.Equal(t, exitFailure, code)
 	assert.Contains(t, errs, "control socket")
 }
+
+// FuzzFollowMigration feeds arbitrary migrate streams (what a control
+// socket returns) to the client: it must end with a result or an error,
+// never panic.
+func FuzzFollowMigration(f *testing.F) {
+	f.Add([]byte(`{"progress":{"phase":"full","round":0,"total_pages":10,"pages_sent":5}}` + "\n" + `{"result":{"downtime_ms":1.5,"rounds":2}}` + "\n"))
+	f.Add([]byte(`{"error":"boom"}` + "\n"))
+	f.Add([]byte("not json\n"))
+	f.Fuzz(func(t *testing.T, stream []byte) {
+		for _, asJSON := range []bool{false, true} {
+			var out, errb syncBuffer
+			env := &cliEnv{stdout: &out, stderr: &errb}
+			_ = followMigration(env, bytes.NewReader(stream), asJSON)
+		}
+	})
+}
