@@ -94,6 +94,17 @@ func controlCall(ctx context.Context, sock, method, path string, body any) (*htt
 	return resp, nil
 }
 
+// printControl makes one control call and copies its JSON answer to stdout.
+func printControl(ctx context.Context, env *cliEnv, sock, method, path string, body any) error {
+	resp, err := controlCall(ctx, sock, method, path, body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, err = io.Copy(env.stdout, io.LimitReader(resp.Body, 1<<20))
+	return err
+}
+
 func newSimpleControlCmd(env *cliEnv, name, short, method, path string) *cobra.Command {
 	var sock string
 	cmd := &cobra.Command{
@@ -101,13 +112,7 @@ func newSimpleControlCmd(env *cliEnv, name, short, method, path string) *cobra.C
 		Short: short,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			resp, err := controlCall(cmd.Context(), sock, method, path, nil)
-			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
-			_, err = io.Copy(env.stdout, io.LimitReader(resp.Body, 1<<20))
-			return err
+			return printControl(cmd.Context(), env, sock, method, path, nil)
 		},
 	}
 	cmd.Flags().StringVar(&sock, "control", "", "control socket of the VM")
@@ -124,13 +129,7 @@ func newSnapshotCmd(env *cliEnv) *cobra.Command {
 			if dir == "" {
 				return &usageError{errors.New("--to DIR is required")}
 			}
-			resp, err := controlCall(cmd.Context(), sock, http.MethodPost, "/v1/vm/snapshot", snapshotRequest{Dir: dir})
-			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
-			_, err = io.Copy(env.stdout, io.LimitReader(resp.Body, 1<<20))
-			return err
+			return printControl(cmd.Context(), env, sock, http.MethodPost, "/v1/vm/snapshot", snapshotRequest{Dir: dir})
 		},
 	}
 	cmd.Flags().StringVar(&sock, "control", "", "control socket of the VM")
