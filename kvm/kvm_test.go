@@ -333,3 +333,29 @@ func BenchmarkPauseResume(b *testing.B) {
 	r.Stop(kvm.Result{Reason: kvm.StopCanceled})
 	<-done
 }
+
+// TestCloseIsIdempotent closes every handle twice: the second Close must
+// not close a descriptor number the process has since reused.
+func TestCloseIsIdempotent(t *testing.T) {
+	sys, err := kvm.Open("")
+	if err != nil {
+		t.Skipf("no /dev/kvm: %v", err)
+	}
+	vm, err := sys.CreateVM(kvm.VMOptions{})
+	require.NoError(t, err)
+	vcpu, err := vm.CreateVCPU(0)
+	require.NoError(t, err)
+	require.NoError(t, vcpu.Close())
+	require.NoError(t, vm.Close())
+	require.NoError(t, sys.Close())
+	// The numbers are free again; a new handle may get one of them.
+	other, err := kvm.Open("")
+	require.NoError(t, err)
+	defer other.Close()
+	require.NoError(t, vcpu.Close())
+	require.NoError(t, vm.Close())
+	require.NoError(t, sys.Close())
+	v, err := other.APIVersion()
+	require.NoError(t, err, "a second Close closed a reused descriptor")
+	assert.Equal(t, kvm.APIVersion, v)
+}

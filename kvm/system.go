@@ -73,7 +73,14 @@ func Available() (bool, string) {
 func (s *System) FD() int { return s.fd }
 
 // Close closes /dev/kvm. VMs created from it stay valid.
-func (s *System) Close() error { return unix.Close(s.fd) }
+func (s *System) Close() error {
+	fd := s.fd
+	if fd < 0 {
+		return nil
+	}
+	s.fd = -1
+	return unix.Close(fd)
+}
 
 // APIVersion issues KVM_GET_API_VERSION.
 func (s *System) APIVersion() (int, error) {

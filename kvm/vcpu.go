@@ -32,7 +32,12 @@ func (c *VCPU) Close() error {
 		unix.Munmap(c.run)
 		c.run = nil
 	}
-	return unix.Close(c.fd)
+	fd := c.fd
+	if fd < 0 {
+		return nil
+	}
+	c.fd = -1
+	return unix.Close(fd)
 }
 
 // RunData returns the kvm_run page. It aliases kernel-shared memory.

@@ -35,7 +35,14 @@ func (vm *VM) FD() int { return vm.fd }
 func (vm *VM) System() *System { return vm.sys }
 
 // Close closes the VM fd. Close the vCPUs first.
-func (vm *VM) Close() error { return unix.Close(vm.fd) }
+func (vm *VM) Close() error {
+	fd := vm.fd
+	if fd < 0 {
+		return nil
+	}
+	vm.fd = -1
+	return unix.Close(fd)
+}
 
 // CheckExtension issues KVM_CHECK_EXTENSION on the VM fd (the answer can
 // differ from the system's for VM-specific capabilities).

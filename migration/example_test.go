@@ -36,7 +36,7 @@ func ExampleMigrate() {
 	}
 	fmt.Println("target:", <-received)
 	fmt.Println("target runs:", tgt.Status().Running(), "source paused:", src.Status().Paused)
-	fmt.Println("every page sent:", stats.PagesSent+stats.ZeroPages >= stats.MemoryBytes/kvm.PageSize)
+	fmt.Println("every page sent:", stats.PagesSent+stats.ZeroPages+stats.HolePages >= stats.MemoryBytes/kvm.PageSize)
 	// Output:
 	// target: <nil>
 	// target runs: true source paused: true

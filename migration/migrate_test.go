@@ -111,8 +111,8 @@ func requireMigrated(t testing.TB, o outcome) {
 
 	s, r := o.stats, o.rstats
 	total := s.MemoryBytes / kvm.PageSize
-	assert.GreaterOrEqual(t, s.PagesSent+s.ZeroPages, total, "at least every page once")
-	assert.Greater(t, s.ZeroPages, uint64(0), "zero pages sent as markers")
+	assert.GreaterOrEqual(t, s.PagesSent+s.ZeroPages+s.HolePages, total, "at least every page once")
+	assert.Greater(t, s.ZeroPages+s.HolePages, uint64(0), "zero pages sent as markers or skipped as holes")
 	assert.Equal(t, s.PagesSent, r.PagesReceived)
 	assert.Equal(t, s.ZeroPages, r.ZeroPages)
 	assert.Equal(t, s.Rounds, r.Rounds)
@@ -147,6 +147,7 @@ func TestMigrate(t *testing.T) {
 		{"two-regions-small-batches", pipePair, migrationtest.Options{
 			Regions: []kvm.RegionSpec{{GPA: 0, Size: 4 << 20}, {GPA: 1 << 32, Size: 8 << 20}}, WorkingSetPages: 600, DirtyRate: 50000,
 		}, migration.Options{BatchPages: 7}, 3},
+		{"memfd-holes-skipped", pipePair, migrationtest.Options{Memfd: true, FillPercent: 10, DirtyRate: 20000}, migration.Options{}, 3},
 		{"one-vcpu-bandwidth-limit", tcpPair, migrationtest.Options{VCPUs: 1, DirtyRate: 2000}, migration.Options{MaxBandwidth: 200 << 20}, 2},
 	}
 	for _, tt := range tests {
@@ -154,6 +155,12 @@ func TestMigrate(t *testing.T) {
 			for i := 0; i < tt.n; i++ {
 				o := migrate(t, tt.pair, tt.so, migrationtest.Options{}, tt.opts, nil, nil)
 				requireMigrated(t, o)
+				if tt.so.Memfd {
+					// 90% of the static pages were never written: holes.
+					assert.Greater(t, o.stats.HolePages, o.stats.MemoryBytes/kvm.PageSize/2, "memfd holes skipped")
+				} else {
+					assert.Zero(t, o.stats.HolePages, "anonymous memory has no holes to skip")
+				}
 				o.src.Stop()
 				o.tgt.Stop()
 			}

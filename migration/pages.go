@@ -3,8 +3,11 @@ package migration
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/bits"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kvmkit/kvmkit/kvm"
 )
@@ -70,6 +73,7 @@ type pageBatcher struct {
 	max   int
 
 	pages, zero uint64 // totals since creation
+	holes       uint64 // pages of a full pass skipped as never-written memfd holes
 }
 
 func newPageBatcher(rw *recordWriter, max int) *pageBatcher {
@@ -125,12 +129,15 @@ func (b *pageBatcher) sendRegionPages(r kvm.Region, bm []uint64, check func() er
 		return b.add(r.GPA+off, r.Host[off:off+pageSize])
 	}
 	if bm == nil {
-		for p := uint64(0); p < uint64(len(r.Host))/pageSize; p++ {
-			if err := send(p); err != nil {
-				return err
+		n := uint64(len(r.Host)) / pageSize
+		return forEachDataPage(r.FD, n, func(first, end uint64) error {
+			for p := first; p < end; p++ {
+				if err := send(p); err != nil {
+					return err
+				}
 			}
-		}
-		return nil
+			return nil
+		}, func(holes uint64) { b.holes += holes })
 	}
 	return forEachSet(bm, send)
 }
@@ -204,5 +211,49 @@ func pageAt(regions []kvm.Region, gpa uint64, last *int) []byte {
 			return r.Host[off : off+pageSize]
 		}
 	}
+	return nil
+}
+
+// forEachDataPage calls f for each run [first, end) of pages of a region of
+// n pages that may hold data, and holes with the number of pages skipped.
+// For a memfd region (fd >= 0, mapped shared from offset 0) it asks the
+// file for its data with SEEK_DATA/SEEK_HOLE: a hole was never written, so
+// it reads as zeros and the full pass into zero-filled target RAM can
+// skip it without even reading it (reading would allocate it here).
+// Without an fd, or when the file system cannot say, every page is data.
+func forEachDataPage(fd int, n uint64, f func(first, end uint64) error, holes func(uint64)) error {
+	if fd < 0 {
+		return f(0, n)
+	}
+	size := int64(n * pageSize)
+	var off int64
+	var skipped uint64
+	for off < size {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) { // no data past off
+			break
+		}
+		if err != nil {
+			if off == 0 {
+				return f(0, n) // SEEK_DATA unsupported: send everything
+			}
+			return fmt.Errorf("memory file: SEEK_DATA at %#x: %w", off, err)
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return fmt.Errorf("memory file: SEEK_HOLE at %#x: %w", data, err)
+		}
+		hole = min(hole, size)
+		first, end := uint64(data)/pageSize, (uint64(hole)+pageSize-1)/pageSize
+		skipped += first - uint64(off)/pageSize
+		if err := f(first, end); err != nil {
+			return err
+		}
+		off = int64(end * pageSize)
+	}
+	if off < size {
+		skipped += n - uint64(off)/pageSize
+	}
+	holes(skipped)
 	return nil
 }

@@ -376,7 +376,7 @@ func (m *migrator) pass(ctx context.Context, round int, all, final bool, dirtyRa
 	}
 	m.stats.PerRound = append(m.stats.PerRound, rs)
 	m.stats.Rounds = len(m.stats.PerRound)
-	m.stats.PagesSent, m.stats.ZeroPages, m.stats.BytesSent = m.batch.pages, m.batch.zero, m.meter.n
+	m.stats.PagesSent, m.stats.ZeroPages, m.stats.HolePages, m.stats.BytesSent = m.batch.pages, m.batch.zero, m.batch.holes, m.meter.n
 	return nil
 }
 

@@ -48,6 +48,10 @@ type Stats struct {
 	// PagesSent counts pages sent with data, ZeroPages pages sent as
 	// zero markers (8 bytes instead of 4104), over all passes.
 	PagesSent, ZeroPages uint64
+	// HolePages counts pages the full pass skipped without reading them:
+	// holes of a memfd-backed region (never written, so zero on both
+	// sides).
+	HolePages uint64
 	// FinalPages counts pages (data and zero) sent while paused.
 	FinalPages uint64
 	// StateBytes is the size of the saved VM state.
@@ -75,6 +79,7 @@ type Summary struct {
 	BytesSent        uint64  `json:"bytes_sent"`
 	PagesSent        uint64  `json:"pages_sent"`
 	ZeroPages        uint64  `json:"zero_pages"`
+	HolePages        uint64  `json:"hole_pages"`
 	MemoryBytes      uint64  `json:"memory_bytes"`
 	Throttle         float64 `json:"max_throttle"`
 }
@@ -85,7 +90,7 @@ func (s Stats) Summary() Summary {
 	return Summary{
 		DowntimeMs: ms(s.Downtime), TargetDowntimeMs: ms(s.TargetDowntime), ResumeMs: ms(s.ResumeTime),
 		TotalMs: ms(s.Total), Rounds: s.Rounds, BytesSent: s.BytesSent, PagesSent: s.PagesSent,
-		ZeroPages: s.ZeroPages, MemoryBytes: s.MemoryBytes, Throttle: s.Throttle,
+		ZeroPages: s.ZeroPages, HolePages: s.HolePages, MemoryBytes: s.MemoryBytes, Throttle: s.Throttle,
 	}
 }
 

@@ -8,7 +8,8 @@
 #  4. where this host has no /dev/kvm, the KVM tests again inside the
 #     nested lab (tools/nestlab: QEMU TCG with emulated AMD SVM, an L1
 #     Linux with a real /dev/kvm), including the Linux guest tests with the
-#     test kernel from tools/testkernel.
+#     test kernel from tools/testkernel. A lab test that fails is run
+#     once more in a fresh L1 (printed as LAB FLAKE when it then passes).
 #
 # It fails when any step fails. KVMKIT_SKIP_LAB=1 skips step 4,
 # KVMKIT_FUZZTIME=0 skips step 3.
@@ -61,10 +62,13 @@ else
 	# Two L1 boots keep each one short. nestlab exits 124/125/126 when L1
 	# itself hung, crashed or could not load kvm-amd (QEMU's software
 	# emulation of nested SVM is not perfectly stable under load); such a
-	# boot is tried once more. A failing test exits 1 and is not retried.
+	# boot is tried once more. When tests fail (status 1), exactly those
+	# top-level tests run once more in a fresh L1 and the first failure is
+	# printed as a LAB FLAKE; a test that fails twice fails the run, and so
+	# does a package that failed without naming a test (a panic, a timeout).
 	nestlab="$(mktemp -d)/nestlab"
 	go build -o "$nestlab" ./tools/nestlab # go run would turn every status into 1
-	lab() {
+	boot() {
 		local rc=0
 		"$nestlab" gotest --testkernel --timeout 25m --pkgtimeout 12m "$@" || rc=$?
 		if ((rc >= 124 && rc <= 126)); then
@@ -73,6 +77,21 @@ else
 			"$nestlab" gotest --testkernel --timeout 25m --pkgtimeout 12m "$@" || rc=$?
 		fi
 		return "$rc"
+	}
+	lab() {
+		local log rc=0
+		log="$(mktemp)"
+		boot "$@" 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}
+		((rc == 1)) || return "$rc"
+		local names
+		names="$(bash tools/labfails.sh <"$log")" || {
+			echo "tools/test.sh: a lab package failed without a failing test to name; not retried"
+			return 1
+		}
+		echo
+		echo "LAB FLAKE? these lab tests failed once; running them again in a fresh L1: $names"
+		boot --run "^(${names})\$" "$@" || return $?
+		echo "LAB FLAKE: $names failed once and passed when run again (see the first run above)"
 	}
 	lab ./kvm ./kvm/machine ./migration/machinevm ./examples/testlab
 	lab ./examples/vmm

@@ -6,7 +6,11 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -119,15 +123,46 @@ func startGuest(t *testing.T, name string, cfg machine.Config, p guests.Params, 
 	return h
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+// waitFor polls cond for up to 60 s on h's machine. It fails at once,
+// with the run's result, when the machine's run ends, and on a timeout
+// reports where the vCPUs are, so a stuck guest is told from a slow one.
+func waitFor(t *testing.T, h *vmHost, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
+	r := h.m.Runner()
 	for !cond() {
+		select {
+		case <-r.Done():
+			res, err := h.m.Wait()
+			t.Fatalf("%s: the run ended first: result %+v, err %v; serial: %q", what, res, err, h.serial.String())
+		default:
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within 60s", what)
+			t.Fatalf("%s: not within 60s; exits %d, paused %v, %s; serial: %q",
+				what, r.Exits(), r.Paused(), vcpuWhere(h.m), h.serial.String())
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// vcpuWhere pauses m and reads each vCPU's RIP for a stall report.
+func vcpuWhere(m *machine.Machine) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := m.Pause(ctx); err != nil {
+		return fmt.Sprintf("pause for the report failed: %v", err)
+	}
+	defer func() { _ = m.Resume() }()
+	var b strings.Builder
+	for i, c := range m.VCPUs() {
+		regs, err := c.Regs()
+		if err != nil {
+			fmt.Fprintf(&b, "vCPU %d: %v; ", i, err)
+			continue
+		}
+		fmt.Fprintf(&b, "vCPU %d: rip %#x rsp %#x rflags %#x; ", i, regs.RIP, regs.RSP, regs.RFLAGS)
+	}
+	return b.String()
 }
 
 // migrateOnce moves src to a new host over loopback TCP.
@@ -166,33 +201,52 @@ func migrateOnce(t *testing.T, src *vmHost, hosts *[]*vmHost, opts migration.Opt
 	return st, dst, nil
 }
 
+// envInt reads a positive integer from the environment, or def.
+func envInt(t *testing.T, name string, def int) int {
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	require.NoError(t, err, name)
+	require.Positive(t, n, name)
+	return n
+}
+
 // TestLiveMigrateDirtyGuest migrates the self-checking dirtying guest from
 // host to host while it runs. The guest checks on every pass that each page
 // still holds what it wrote on the previous pass; a lost write makes it
 // print LOST WRITE and exit 1. After the last hop it must keep passing.
+// KVMKIT_MIGRATE_HOPS (default 3) and KVMKIT_MIGRATE_DIRTY_MIB (default
+// 16) scale it up: bench/migrate-hops.sh runs 100 hops of 64 MiB and
+// checks every downtime in the "hop" lines this test logs.
 func TestLiveMigrateDirtyGuest(t *testing.T) {
 	requireKVM(t)
+	hops := envInt(t, "KVMKIT_MIGRATE_HOPS", 3)
+	dirty := uint64(envInt(t, "KVMKIT_MIGRATE_DIRTY_MIB", 16)) << 20
 	for _, cpus := range []int{1, 2} {
 		var hosts []*vmHost
-		cur := startGuest(t, guests.Dirty, machine.Config{MemSize: 64 << 20, CPUs: cpus},
-			guests.Params{DirtySize: 16 << 20}, &hosts)
-		const hops = 3
+		cur := startGuest(t, guests.Dirty, machine.Config{MemSize: dirty + 48<<20, CPUs: cpus},
+			guests.Params{DirtySize: dirty}, &hosts)
 		for hop := range hops {
 			start := cur.pass.Load()
-			waitFor(t, "guest makes progress", func() bool { return cur.pass.Load() >= start+2 })
+			waitFor(t, cur, "guest makes progress", func() bool { return cur.pass.Load() >= start+2 })
 			st, next, err := migrateOnce(t, cur, &hosts, migration.Options{})
 			require.NoError(t, err, "hop %d (cpus=%d), serial: %s", hop, cpus, cur.serial.String())
-			t.Logf("cpus=%d hop %d at pass %d: downtime %v (target side %v), total %v, rounds %d, pages %d, zero pages %d, bytes %d, throttle %.2f",
-				cpus, hop, cur.pass.Load(), st.Downtime, st.TargetDowntime, st.Total, st.Rounds, st.PagesSent, st.ZeroPages, st.BytesSent, st.Throttle)
+			t.Logf("cpus=%d hop %d at pass %d: downtime %v (target side %v), total %v, rounds %d, pages %d, zero pages %d, hole pages %d, bytes %d, throttle %.2f",
+				cpus, hop, cur.pass.Load(), st.Downtime, st.TargetDowntime, st.Total, st.Rounds, st.PagesSent, st.ZeroPages, st.HolePages, st.BytesSent, st.Throttle)
+			assert.NotContains(t, next.serial.String(), "LOST WRITE", "hop %d", hop)
+			require.NoError(t, cur.m.Close(), "closing the source of hop %d", hop)
 			cur = next
 		}
 		start := cur.pass.Load()
-		waitFor(t, "guest keeps passing its check after the last hop", func() bool { return cur.pass.Load() >= start+3 })
+		waitFor(t, cur, "guest keeps passing its check after the last hop", func() bool { return cur.pass.Load() >= start+3 })
 		assert.NotContains(t, cur.serial.String(), "LOST WRITE")
 		cur.m.Stop(kvm.Result{Reason: kvm.StopCanceled})
 		res, err := cur.m.Wait()
 		require.NoError(t, err, "serial: %s", cur.serial.String())
 		assert.Equal(t, kvm.StopCanceled, res.Reason, "the guest ran until stopped (it exits on a lost write)")
+		require.NoError(t, cur.m.Close())
 	}
 }
 
@@ -239,7 +293,7 @@ func TestMigrationFailureKeepsSourceRunning(t *testing.T) {
 		raw.Close()
 		ln.Close()
 		p := src.pass.Load()
-		waitFor(t, "source still runs the guest", func() bool { return src.pass.Load() >= p+2 })
+		waitFor(t, src, "source still runs the guest", func() bool { return src.pass.Load() >= p+2 })
 		assert.NotContains(t, src.serial.String(), "LOST WRITE")
 	}
 	src.m.Stop(kvm.Result{Reason: kvm.StopCanceled})
@@ -253,7 +307,7 @@ func TestSnapshotRestoreCompute(t *testing.T) {
 	requireKVM(t)
 	var hosts []*vmHost
 	src := startGuest(t, guests.Compute, machine.Config{MemSize: 32 << 20}, guests.Params{}, &hosts)
-	waitFor(t, "compute runs", func() bool { return len(src.vals.get()) >= 200 })
+	waitFor(t, src, "compute runs", func() bool { return len(src.vals.get()) >= 200 })
 	dir := t.TempDir() + "/snap"
 	_, err := migration.SaveSnapshot(context.Background(), &machinevm.Source{M: src.m}, dir, migration.SnapshotOptions{LeavePaused: true, NoSync: true})
 	require.NoError(t, err)
@@ -269,7 +323,7 @@ func TestSnapshotRestoreCompute(t *testing.T) {
 	t.Logf("restore: lazy=%v prepare %v load %v resume %v total %v", rs.Lazy, rs.Prepare, rs.Load, rs.Resume, rs.Total)
 	dst := hosts[len(hosts)-1]
 	t.Cleanup(func() { dst.m.Close() })
-	waitFor(t, "restored compute runs", func() bool { return len(dst.vals.get()) >= 100 })
+	waitFor(t, dst, "restored compute runs", func() bool { return len(dst.vals.get()) >= 100 })
 	dst.m.Stop(kvm.Result{Reason: kvm.StopCanceled})
 	_, _ = dst.m.Wait()
 

@@ -63,6 +63,9 @@ type Options struct {
 	NoResumeCheck bool
 	// FailDirtyBitmap makes DirtyBitmap fail after that many calls (0 never).
 	FailDirtyBitmap int
+	// Memfd backs RAM with memfds, as kvm/machine does: never-written pages
+	// are file holes, which the full pass skips.
+	Memfd bool
 }
 
 func (o Options) withDefaults() Options {
@@ -168,7 +171,7 @@ func NewSource(opts Options) (*FakeVM, error) {
 func NewTarget(opts Options) *FakeVM { return newFake(opts) }
 
 func (vm *FakeVM) allocate(specs []kvm.RegionSpec) error {
-	mem, err := kvm.NewMemory(specs, kvm.MemoryOptions{})
+	mem, err := kvm.NewMemory(specs, kvm.MemoryOptions{Memfd: vm.opts.Memfd, Name: "fakevm"})
 	if err != nil {
 		return err
 	}

@@ -66,7 +66,7 @@ type common struct {
 
 func (c *common) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.mem, "mem", "6G", "L1 memory (QEMU -m)")
-	fs.IntVar(&c.cpus, "cpus", 2, "L1 CPUs")
+	fs.IntVar(&c.cpus, "cpus", 1, "L1 CPUs (more than one has wedged L1 under QEMU TCG when VMs are created and destroyed quickly)")
 	fs.DurationVar(&c.timeout, "timeout", 20*time.Minute, "kill L1 after this long")
 	fs.Var(&c.files, "file", "HOST:GUESTPATH to pack into L1 (file or directory; repeatable)")
 	fs.Var(&c.env, "env", "K=V exported to the payload (repeatable)")

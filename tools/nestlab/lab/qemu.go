@@ -76,7 +76,7 @@ type Spec struct {
 type Options struct {
 	QEMU        string        // QEMU binary; default "qemu-system-x86_64"
 	Mem         string        // guest memory, default "6G"
-	CPUs        int           // guest CPUs, default 2
+	CPUs        int           // L1 CPUs, default 1 (see nestlab --cpus)
 	Machine     string        // QEMU machine, default "pc"
 	Timeout     time.Duration // whole-boot limit, default 20m
 	Cmdline     string        // extra kernel parameters
@@ -109,7 +109,7 @@ func (o *Options) defaults() {
 		o.Mem = "6G"
 	}
 	if o.CPUs <= 0 {
-		o.CPUs = 2
+		o.CPUs = 1
 	}
 	if o.Machine == "" {
 		o.Machine = "pc"
