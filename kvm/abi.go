@@ -38,6 +38,7 @@ var (
 	kvmGetPIT2             = ior(0x9f, 112)
 	kvmSetPIT2             = iow(0xa0, 112)
 	kvmEnableCap           = iow(0xa3, 104)
+	kvmSignalMSI           = iow(0xa5, 32)
 	kvmClearDirtyLog       = iowr(0xc0, 24)
 
 	kvmRun            = io(0x80)
@@ -416,6 +417,16 @@ type clearDirtyLog struct {
 type irqLevel struct {
 	IRQ   uint32
 	Level uint32
+}
+
+// kvmMSI is struct kvm_msi.
+type kvmMSI struct {
+	AddressLo uint32
+	AddressHi uint32
+	Data      uint32
+	Flags     uint32
+	DevID     uint32
+	_         [12]uint8
 }
 
 type irqfd struct {

@@ -168,6 +168,15 @@ func (vm *VM) Line(irq uint32) IRQ {
 	return IRQFunc(func(high bool) error { return vm.IRQLine(irq, high) })
 }
 
+// SendMSI issues KVM_SIGNAL_MSI: injects the message-signalled interrupt
+// (address, data) through the in-kernel irqchip. A message the guest's
+// local APICs block is dropped, as on hardware; that is not an error.
+func (vm *VM) SendMSI(addr uint64, data uint32) error {
+	m := kvmMSI{AddressLo: uint32(addr), AddressHi: uint32(addr >> 32), Data: data}
+	_, err := ioctlRetry(vm.fd, kvmSignalMSI, unsafe.Pointer(&m), "KVM_SIGNAL_MSI")
+	return err
+}
+
 // IRQFD issues KVM_IRQFD: a write to eventfd fd injects GSI gsi (edge).
 func (vm *VM) IRQFD(fd int, gsi uint32) error {
 	f := irqfd{FD: uint32(fd), GSI: gsi}

@@ -432,6 +432,27 @@ func TestLinuxVirtioDisk(t *testing.T) {
 	})
 }
 
+// TestLinuxVirtioPCI finds the devices by PCI probing instead of
+// virtio-mmio command-line descriptors: with --transport pci the command
+// line names no device, so the disk and the rng can only be reached
+// through the host bridge, BAR0 and MSI-X.
+func TestLinuxVirtioPCI(t *testing.T) {
+	dir := linuxKernelDir(t)
+	t.Run("disk", func(t *testing.T) {
+		img, sum := diskImage(t, 4<<20)
+		res := bootLinux(t, dir, linuxRun{test: "disk", params: []string{"kvmkit.sum=" + sum}, args: []string{"--transport", "pci", "--disk", img}})
+		assert.Equal(t, 0, res.code, res.stderr)
+		kt := requireGuestTest(t, res, "disk", "PASS")
+		assert.Equal(t, sum, kt.fields["sum"], "the guest read the image's exact content over virtio-pci")
+	})
+	t.Run("rng", func(t *testing.T) {
+		res := bootLinux(t, dir, linuxRun{test: "rng", args: []string{"--transport", "pci", "--rng"}})
+		assert.Equal(t, 0, res.code, res.stderr)
+		kt := requireGuestTest(t, res, "rng", "PASS")
+		assert.Contains(t, kt.fields["rng"], "virtio")
+	})
+}
+
 func TestLinuxVirtioRNG(t *testing.T) {
 	dir := linuxKernelDir(t)
 	res := bootLinux(t, dir, linuxRun{test: "rng", args: []string{"--rng"}})

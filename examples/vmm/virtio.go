@@ -15,6 +15,7 @@ import (
 	"github.com/kvmkit/kvmkit/virtio/mmio"
 	vnet "github.com/kvmkit/kvmkit/virtio/net"
 	"github.com/kvmkit/kvmkit/virtio/netback"
+	"github.com/kvmkit/kvmkit/virtio/pci"
 	"github.com/kvmkit/kvmkit/virtio/rng"
 )
 
@@ -25,6 +26,7 @@ type virtioFlags struct {
 	nets      []string
 	rng       bool
 	console   string
+	transport string
 
 	args []string // kernel command-line device descriptors, set by attach
 }
@@ -40,6 +42,7 @@ func (v *virtioFlags) register(cmd *cobra.Command) {
 	fl.StringArrayVar(&v.nets, "net", nil, "virtio-net NIC: user[,hostfwd=tcp:HOST:PORT-:PORT] or tap:NAME (repeatable)")
 	fl.BoolVar(&v.rng, "rng", false, "add a virtio-rng device fed by the host's getrandom")
 	fl.StringVar(&v.console, "console", "serial", "guest console: serial (COM1) or virtio (hvc0)")
+	fl.StringVar(&v.transport, "transport", "mmio", "virtio transport: mmio (kernel command-line devices) or pci (virtio-pci with MSI-X behind a host bridge at 0xCF8; adds pci=noacpi so Linux probes the bus)")
 }
 
 func (v *virtioFlags) validate() error {
@@ -68,6 +71,9 @@ func (v *virtioFlags) validate() error {
 	if v.console != "serial" && v.console != "virtio" {
 		return fmt.Errorf("--console %q: want serial or virtio", v.console)
 	}
+	if v.transport != "mmio" && v.transport != "pci" {
+		return fmt.Errorf("--transport %q: want mmio or pci", v.transport)
+	}
 	return nil
 }
 
@@ -95,6 +101,13 @@ func parseNet(s string) (netSpec, error) {
 	return netSpec{}, fmt.Errorf("--net %q: want user[,hostfwd=...] or tap:NAME", s)
 }
 
+// namedDevice is a virtio device and its name in the machine's device
+// list and saved state.
+type namedDevice struct {
+	name string
+	dev  virtio.Device
+}
+
 // virtioIRQs are the GSIs given to virtio-mmio devices, in order: the
 // free ISA interrupts, which the MP and ACPI tables describe (COM1 has 4,
 // the i8042 1 and 12, the ACPI SCI 13).
@@ -103,16 +116,8 @@ var virtioIRQs = []uint32{5, 6, 7, 9, 10, 11, 14, 15}
 // attach builds the devices and registers their virtio-mmio windows.
 func (v *virtioFlags) attach(env *cliEnv, m *machine.Machine, f *runFlags) error {
 	v.args = nil
-	var devs []struct {
-		name string
-		dev  virtio.Device
-	}
-	add := func(name string, d virtio.Device) {
-		devs = append(devs, struct {
-			name string
-			dev  virtio.Device
-		}{name, d})
-	}
+	var devs []namedDevice
+	add := func(name string, d virtio.Device) { devs = append(devs, namedDevice{name, d}) }
 	for i, d := range v.disks {
 		b, err := blk.Open(d.path, blk.Options{ReadOnly: d.readOnly, ID: fmt.Sprintf("kvmkit%d", i)})
 		if err != nil {
@@ -162,8 +167,11 @@ func (v *virtioFlags) attach(env *cliEnv, m *machine.Machine, f *runFlags) error
 		add("virtio-console", console.New(console.Options{Input: in, Output: env.stdout}))
 		v.args = append(v.args, "console=hvc0")
 	}
+	if v.transport == "pci" {
+		return v.attachPCI(m, devs)
+	}
 	if len(devs) > len(virtioIRQs) {
-		return fmt.Errorf("%d virtio devices: at most %d", len(devs), len(virtioIRQs))
+		return fmt.Errorf("%d virtio devices: at most %d on virtio-mmio (use --transport pci for more)", len(devs), len(virtioIRQs))
 	}
 	for i, d := range devs {
 		base := uint64(machine.VirtioMMIOBase) + uint64(i)*0x1000
@@ -178,6 +186,46 @@ func (v *virtioFlags) attach(env *cliEnv, m *machine.Machine, f *runFlags) error
 		m.AddStateDevice(d.name, t)
 		v.args = append(v.args, mmio.CmdlineArg(base, 0x1000, irq))
 	}
+	return nil
+}
+
+// pciBARBase is where the VMM places the first virtio-pci BAR0 (there is
+// no firmware to assign them); each device gets pci.BARSize above it.
+const pciBARBase = 0xE000_0000
+
+// attachPCI puts the devices behind a PCI host bridge, one slot each, with
+// MSI-X delivered by KVM_SIGNAL_MSI and INTx on the same ISA lines the
+// mmio transport would use. Without a PCI root bridge in the ACPI tables
+// Linux scans bus 0 itself only with ACPI IRQ routing off: pci=noacpi.
+func (v *virtioFlags) attachPCI(m *machine.Machine, devs []namedDevice) error {
+	if len(devs) == 0 {
+		return nil
+	}
+	if len(devs) > 31 {
+		return fmt.Errorf("%d virtio devices: at most 31 on one PCI bus", len(devs))
+	}
+	bridge := pci.NewHostBridge()
+	if err := m.AddDevice("pci-host", false, pci.ConfigPortBase, pci.ConfigPortSize, bridge); err != nil {
+		return err
+	}
+	for i, d := range devs {
+		irq := virtioIRQs[i%len(virtioIRQs)]
+		t, err := pci.New(d.dev, m.Mem(), pci.Options{
+			Bus: m.MMIO(), BARAddr: pciBARBase + uint64(i)*pci.BARSize,
+			MSI: m.VM(), IRQ: m.IRQ(irq), IRQLine: uint8(irq),
+		})
+		if err != nil {
+			return fmt.Errorf("%s: %w", d.name, err)
+		}
+		if _, err := bridge.Add(t); err != nil {
+			return fmt.Errorf("%s: %w", d.name, err)
+		}
+		if c, ok := d.dev.(io.Closer); ok {
+			m.AddCloser(c)
+		}
+		m.AddStateDevice(d.name+"-pci", t)
+	}
+	v.args = append(v.args, "pci=noacpi")
 	return nil
 }
 

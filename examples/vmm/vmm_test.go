@@ -118,6 +118,7 @@ func TestBadInput(t *testing.T) {
 		{[]string{"run", "--cpus", "0"}, exitUsage, "--cpus"},
 		{[]string{"run", "--disk", "x.img,rw"}, exitUsage, "unknown option"},
 		{[]string{"run", "--net", "bridge"}, exitUsage, "--net"},
+		{[]string{"run", "--transport", "isa"}, exitUsage, "--transport"},
 		{[]string{"run", "--image", "a", "--kernel", "b"}, exitUsage, "exclude"},
 		{[]string{"run", "--initrd", "x"}, exitUsage, "--kernel"},
 		{[]string{"run", "--bogus"}, exitUsage, "unknown flag"},

@@ -335,6 +335,9 @@ func (t *Transport) writeStatus(v uint32) {
 		if err := t.activate(); err != nil {
 			t.needsReset(err)
 		}
+		if t.activated && t.paused {
+			t.dev.Pause() // activated while paused: no worker runs until Resume
+		}
 	}
 }
 

@@ -73,6 +73,12 @@ type Transport struct {
 	opts Options
 	log  *slog.Logger
 
+	// life serializes device lifecycle changes (activation, reset, Pause,
+	// Resume, SaveState, RestoreState) that call into the device without
+	// holding mu: a device's workers take mu to raise interrupts, so mu must
+	// not be held while waiting for them. Lock order: life, then mu.
+	life sync.Mutex
+
 	mu          sync.Mutex
 	cfg         [256]byte
 	barAddr     uint64 // currently programmed BAR0 address
@@ -87,6 +93,7 @@ type Transport struct {
 	status      uint32
 	configGen   uint8
 	activated   bool
+	paused      bool // Pause called: no notifications, device paused once activated
 	isr         uint8
 	lastErr     error
 	msix        []msixEntry
@@ -268,9 +275,10 @@ func (t *Transport) BAR() kvm.Device { return bar{t} }
 
 // NotifyQueue delivers a notification for queue i, as a write to its notify
 // address does (for ioeventfd: register base+NotifyOffset+i*NotifyMultiplier).
+// It is ignored while the device is not activated or the transport is paused.
 func (t *Transport) NotifyQueue(i int) {
 	t.mu.Lock()
-	ok := t.activated
+	ok := t.activated && !t.paused
 	t.mu.Unlock()
 	if ok {
 		t.dev.QueueNotify(i)
@@ -330,6 +338,8 @@ func (b bar) Write(off uint64, data []byte) {
 		t.NotifyQueue(int((off - NotifyOffset) / NotifyMultiplier))
 		return
 	}
+	t.life.Lock() // a status write may activate, pause or reset the device
+	defer t.life.Unlock()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	switch {
@@ -417,7 +427,8 @@ func (t *Transport) readCommon(off uint64, data []byte) {
 	putLE(data, v)
 }
 
-// writeCommon handles driver writes to struct virtio_pci_common_cfg.
+// writeCommon handles driver writes to struct virtio_pci_common_cfg; t.life
+// and t.mu are held.
 func (t *Transport) writeCommon(off uint64, data []byte) {
 	v := getLE(data)
 	q, qi := t.selected()
@@ -482,6 +493,8 @@ func (t *Transport) checkVector(v uint16) uint16 {
 	return NoVector
 }
 
+// writeStatus handles a driver write of device_status; t.life and t.mu are
+// held.
 func (t *Transport) writeStatus(v uint32) {
 	if v == 0 {
 		t.resetLocked()
@@ -498,8 +511,19 @@ func (t *Transport) writeStatus(v uint32) {
 	if v&virtio.StatusDriverOK != 0 && v&virtio.StatusFeaturesOK != 0 && !t.activated && v&virtio.StatusFailed == 0 {
 		if err := t.activate(); err != nil {
 			t.needsResetLocked(err)
+		} else if t.paused {
+			t.pauseDeviceLocked() // activated while paused: stay paused
 		}
 	}
+}
+
+// pauseDeviceLocked pauses the activated device. Like resetLocked it waits
+// for the device's workers without holding t.mu; t.life keeps the lifecycle
+// from changing meanwhile. t.life and t.mu are held.
+func (t *Transport) pauseDeviceLocked() {
+	t.mu.Unlock()
+	t.dev.Pause()
+	t.mu.Lock()
 }
 
 func (t *Transport) activate() error {
@@ -522,6 +546,7 @@ func (t *Transport) activate() error {
 
 // resetLocked resets the device. The device's workers are stopped without
 // holding t.mu, because they may be waiting for it to raise an interrupt.
+// t.life and t.mu are held. A paused transport stays paused.
 func (t *Transport) resetLocked() {
 	if t.activated {
 		t.activated = false
