@@ -9,6 +9,7 @@
 //	benchtool qmp -sock S [-timeout D] JSON...
 //	benchtool qmp-migrate -label L -src S -dst S -uri U [-downtime-limit-ms N] [-max-bandwidth N]
 //	benchtool table -cols a,b,c [-title T] < rows
+//	benchtool sink -listen ADDR [-n N] [-label L] [-timeout D]
 //
 // Every measuring subcommand prints one result row,
 //
@@ -35,6 +36,7 @@ const usage = `usage:
   benchtool qmp -sock S [-timeout D] JSON...
   benchtool qmp-migrate -label L -src SOCK -dst SOCK -uri URI [-downtime-limit-ms N] [-max-bandwidth N]
   benchtool table -cols a,b,c [-title T] < rows
+  benchtool sink -listen ADDR [-n N] [-label L] [-timeout D]
 `
 
 // errUsage marks command-line mistakes (exit status 2).
@@ -72,6 +74,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return cmdQMPMigrate(ctx, fs, args[1:], stdout, stderr)
 	case "table":
 		return cmdTable(fs, args[1:], stdin, stdout)
+	case "sink":
+		return cmdSink(ctx, fs, args[1:], stdout)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil
