@@ -65,3 +65,14 @@ func ioctlValRetry(fd int, req, arg uintptr, op string) (uintptr, error) {
 		}
 	}
 }
+
+// closeFD closes *fd once: it sets *fd to -1, so a second Close of a
+// handle never closes a descriptor number the process has reused since.
+func closeFD(fd *int) error {
+	n := *fd
+	if n < 0 {
+		return nil
+	}
+	*fd = -1
+	return unix.Close(n)
+}

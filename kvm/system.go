@@ -74,12 +74,7 @@ func (s *System) FD() int { return s.fd }
 
 // Close closes /dev/kvm. VMs created from it stay valid.
 func (s *System) Close() error {
-	fd := s.fd
-	if fd < 0 {
-		return nil
-	}
-	s.fd = -1
-	return unix.Close(fd)
+	return closeFD(&s.fd)
 }
 
 // APIVersion issues KVM_GET_API_VERSION.

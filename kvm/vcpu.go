@@ -32,12 +32,7 @@ func (c *VCPU) Close() error {
 		unix.Munmap(c.run)
 		c.run = nil
 	}
-	fd := c.fd
-	if fd < 0 {
-		return nil
-	}
-	c.fd = -1
-	return unix.Close(fd)
+	return closeFD(&c.fd)
 }
 
 // RunData returns the kvm_run page. It aliases kernel-shared memory.

@@ -36,12 +36,7 @@ func (vm *VM) System() *System { return vm.sys }
 
 // Close closes the VM fd. Close the vCPUs first.
 func (vm *VM) Close() error {
-	fd := vm.fd
-	if fd < 0 {
-		return nil
-	}
-	vm.fd = -1
-	return unix.Close(fd)
+	return closeFD(&vm.fd)
 }
 
 // CheckExtension issues KVM_CHECK_EXTENSION on the VM fd (the answer can
