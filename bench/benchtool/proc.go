@@ -263,13 +263,16 @@ loop:
 			}
 		}
 	}
-	res.ExitMs = ms(time.Since(w.start))
+	exitAt := time.Since(w.start)
+	res.ExitMs = ms(exitAt)
 	<-consumed
 	pr.Close()
 	w.mu.Lock()
 	res.MarkerMs = -1
 	if w.at > 0 {
-		res.MarkerMs = ms(w.at)
+		// The reader may take the marker line from the pipe only after
+		// the exit was seen; the process wrote it before exiting.
+		res.MarkerMs = ms(min(w.at, exitAt))
 	}
 	w.mu.Unlock()
 	if ram > 0 && res.GuestRAM == "" {
