@@ -415,3 +415,21 @@ func (r *Runner) crash(c *VCPU, kind CrashKind, exit ExitReason, detail string, 
 	r.log.Debug("guest crash", "vcpu", c.id, "kind", kind.String(), "rip", gc.RIP, "detail", detail)
 	return gc
 }
+
+// ReserveProcs raises GOMAXPROCS to at least runtime.NumCPU()+vcpus, for a
+// process that runs vcpus vCPU threads. A vCPU goroutine spends its life
+// inside KVM_RUN, a system call during which Go keeps its P until the
+// runtime's monitor takes it back (after 20 µs to 10 ms); with GOMAXPROCS
+// equal to the CPU count a device goroutine woken by that vCPU (a virtio
+// queue kick) can wait that long for a P, which adds milliseconds to every
+// request on a host with few CPUs. It never lowers GOMAXPROCS and returns
+// the value in effect. It changes a process-wide setting, so the
+// application (not a library) decides to call it.
+func ReserveProcs(vcpus int) int {
+	want := runtime.NumCPU() + max(vcpus, 0)
+	if cur := runtime.GOMAXPROCS(0); cur >= want {
+		return cur
+	}
+	runtime.GOMAXPROCS(want)
+	return want
+}

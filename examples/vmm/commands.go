@@ -242,6 +242,7 @@ func targetFor(ctx context.Context, env *cliEnv, f *runFlags) *machinevm.Target 
 			if f.stdinIn || isTerminal(os.Stdin) {
 				cfg.SerialIn = env.stdin
 			}
+			kvm.ReserveProcs(cfg.CPUs)
 			m, err := machine.New(cfg)
 			if err != nil {
 				return nil, err

@@ -148,6 +148,7 @@ func buildMachine(env *cliEnv, f *runFlags) (*machine.Machine, error) {
 		cfg.SerialIn = env.stdin
 	}
 	cfg.VCPUThreadInit = vcpuThreadInit(env, f)
+	kvm.ReserveProcs(cfg.CPUs) // device goroutines must not wait for a vCPU's P
 	m, err := machine.New(cfg)
 	if err != nil {
 		return nil, err
