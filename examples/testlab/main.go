@@ -29,6 +29,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/kvmkit/kvmkit/kvm"
 )
 
 func main() {
@@ -66,6 +68,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	start := time.Now()
+	most := 1
+	for _, c := range cases {
+		most = max(most, c.CPUs)
+	}
+	kvm.ReserveProcs(*parallel * most) // vCPU threads sit in KVM_RUN
 	results := RunAll(ctx, cases, *parallel)
 	failed := 0
 	for _, r := range results {
