@@ -542,6 +542,7 @@ func (m *migrator) switchover(ctx context.Context) error {
 
 	m.phase = PhaseAck
 	tSent := time.Now()
+	m.stats.SentTime = tSent.Sub(tPause)
 	ack, err := m.await(ctx, RecAck, m.opts.AckTimeout)
 	m.log.Debug("switch-over", "sent_after", tSent.Sub(tPause), "ack_after", time.Since(tSent))
 	if err != nil {

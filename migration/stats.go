@@ -35,6 +35,12 @@ type Stats struct {
 	ResumeTime time.Duration
 	// PauseTime is how long Source.Pause took.
 	PauseTime time.Duration
+	// SentTime is from just before Source.Pause to the last byte of the
+	// state handed to the connection: the source-side part of Downtime,
+	// without the target's load and resume. It is what QEMU reports as
+	// "downtime" for a pre-copy migration without a return path, so
+	// compare that number with this one, and Downtime with nothing less.
+	SentTime time.Duration
 	// EstimatedDowntime is the transfer time predicted when deciding to
 	// switch over (remaining dirty data at the measured bandwidth).
 	EstimatedDowntime time.Duration
@@ -74,6 +80,7 @@ type Summary struct {
 	DowntimeMs       float64 `json:"downtime_ms"`
 	TargetDowntimeMs float64 `json:"target_downtime_ms"`
 	ResumeMs         float64 `json:"resume_ms"`
+	SentMs           float64 `json:"sent_ms"`
 	TotalMs          float64 `json:"total_ms"`
 	Rounds           int     `json:"rounds"`
 	BytesSent        uint64  `json:"bytes_sent"`
@@ -88,7 +95,7 @@ type Summary struct {
 func (s Stats) Summary() Summary {
 	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 	return Summary{
-		DowntimeMs: ms(s.Downtime), TargetDowntimeMs: ms(s.TargetDowntime), ResumeMs: ms(s.ResumeTime),
+		DowntimeMs: ms(s.Downtime), TargetDowntimeMs: ms(s.TargetDowntime), ResumeMs: ms(s.ResumeTime), SentMs: ms(s.SentTime),
 		TotalMs: ms(s.Total), Rounds: s.Rounds, BytesSent: s.BytesSent, PagesSent: s.PagesSent,
 		ZeroPages: s.ZeroPages, HolePages: s.HolePages, MemoryBytes: s.MemoryBytes, Throttle: s.Throttle,
 	}

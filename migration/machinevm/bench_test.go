@@ -96,7 +96,7 @@ func benchMigrate(b *testing.B, guest string, cfg machine.Config, p guests.Param
 	cur := last()
 	defer func() { cur.m.Close() }()
 
-	var downtime, targetDown, total time.Duration
+	var downtime, targetDown, sentTime, total time.Duration
 	var rounds int
 	var sent, zero uint64
 	var throttle float64
@@ -129,6 +129,7 @@ func benchMigrate(b *testing.B, guest string, cfg machine.Config, p guests.Param
 		ln.Close()
 		downtime += st.Downtime
 		targetDown += st.TargetDowntime
+		sentTime += st.SentTime
 		total += st.Total
 		rounds += st.Rounds
 		sent += st.BytesSent
@@ -145,6 +146,7 @@ func benchMigrate(b *testing.B, guest string, cfg machine.Config, p guests.Param
 	n := float64(b.N)
 	b.ReportMetric(float64(downtime)/n/1e6, "downtime_ms")
 	b.ReportMetric(float64(targetDown)/n/1e6, "target_downtime_ms")
+	b.ReportMetric(float64(sentTime)/n/1e6, "sent_ms")
 	b.ReportMetric(float64(total)/n/1e6, "total_ms")
 	b.ReportMetric(float64(rounds)/n, "rounds")
 	b.ReportMetric(float64(sent)/n/(1<<20), "sent_MiB")
