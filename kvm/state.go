@@ -33,11 +33,22 @@ func (c *VCPU) readableMSRs() ([]uint32, error) {
 	if err != nil {
 		return nil, err
 	}
+	// KVM_GET_MSRS stops at the first MSR it cannot read and returns how
+	// many it read, so one call per unreadable MSR (plus one) finds the
+	// set: this runs during a migration's downtime the first time.
 	out := make([]uint32, 0, len(all))
-	for _, idx := range all {
-		e, err := c.GetMSRs([]uint32{idx})
-		if err == nil && len(e) == 1 {
-			out = append(out, idx)
+	for rest := all; len(rest) > 0; {
+		chunk := rest[:min(len(rest), maxMSRs)]
+		e, err := c.GetMSRs(chunk)
+		if err != nil {
+			rest = rest[1:] // the first one failed the whole call
+			continue
+		}
+		out = append(out, chunk[:len(e)]...)
+		if len(e) < len(chunk) {
+			rest = rest[len(e)+1:] // skip the unreadable MSR
+		} else {
+			rest = rest[len(chunk):]
 		}
 	}
 	c.vm.mu.Lock()

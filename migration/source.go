@@ -506,6 +506,7 @@ func (m *migrator) switchover(ctx context.Context) error {
 	if err := m.flush(); err != nil {
 		return err
 	}
+	tFinal := time.Now()
 	n, err := m.harvestDirty()
 	if err != nil {
 		return err
@@ -518,6 +519,8 @@ func (m *migrator) switchover(ctx context.Context) error {
 	if m.stats.FinalPages != n {
 		return fmt.Errorf("final pass sent %d pages, %d were dirty", m.stats.FinalPages, n)
 	}
+	tState := time.Now()
+	m.stats.FinalPassTime = tState.Sub(tFinal)
 	if err := m.src.Flush(); err != nil {
 		return fmt.Errorf("flush disks: %w", err)
 	}
@@ -525,6 +528,7 @@ func (m *migrator) switchover(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("save state: %w", err)
 	}
+	m.stats.SaveStateTime = time.Since(tState)
 	if len(state) > MaxStateSize {
 		return fmt.Errorf("VM state of %d bytes above the limit of %d", len(state), MaxStateSize)
 	}

@@ -35,6 +35,10 @@ type Stats struct {
 	ResumeTime time.Duration
 	// PauseTime is how long Source.Pause took.
 	PauseTime time.Duration
+	// FinalPassTime is the final dirty-log harvest and pass made while
+	// paused; SaveStateTime is Source.Flush plus Source.SaveState. With
+	// PauseTime they split SentTime.
+	FinalPassTime, SaveStateTime time.Duration
 	// SentTime is from just before Source.Pause to the last byte of the
 	// state handed to the connection: the source-side part of Downtime,
 	// without the target's load and resume. It is what QEMU reports as
@@ -81,6 +85,9 @@ type Summary struct {
 	TargetDowntimeMs float64 `json:"target_downtime_ms"`
 	ResumeMs         float64 `json:"resume_ms"`
 	SentMs           float64 `json:"sent_ms"`
+	PauseMs          float64 `json:"pause_ms"`
+	FinalPassMs      float64 `json:"final_pass_ms"`
+	SaveStateMs      float64 `json:"save_state_ms"`
 	TotalMs          float64 `json:"total_ms"`
 	Rounds           int     `json:"rounds"`
 	BytesSent        uint64  `json:"bytes_sent"`
@@ -96,6 +103,7 @@ func (s Stats) Summary() Summary {
 	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 	return Summary{
 		DowntimeMs: ms(s.Downtime), TargetDowntimeMs: ms(s.TargetDowntime), ResumeMs: ms(s.ResumeTime), SentMs: ms(s.SentTime),
+		PauseMs: ms(s.PauseTime), FinalPassMs: ms(s.FinalPassTime), SaveStateMs: ms(s.SaveStateTime),
 		TotalMs: ms(s.Total), Rounds: s.Rounds, BytesSent: s.BytesSent, PagesSent: s.PagesSent,
 		ZeroPages: s.ZeroPages, HolePages: s.HolePages, MemoryBytes: s.MemoryBytes, Throttle: s.Throttle,
 	}

@@ -96,7 +96,7 @@ func benchMigrate(b *testing.B, guest string, cfg machine.Config, p guests.Param
 	cur := last()
 	defer func() { cur.m.Close() }()
 
-	var downtime, targetDown, sentTime, total time.Duration
+	var downtime, targetDown, sentTime, pauseT, finalT, stateT, resumeT, total time.Duration
 	var rounds int
 	var sent, zero uint64
 	var throttle float64
@@ -130,6 +130,10 @@ func benchMigrate(b *testing.B, guest string, cfg machine.Config, p guests.Param
 		downtime += st.Downtime
 		targetDown += st.TargetDowntime
 		sentTime += st.SentTime
+		pauseT += st.PauseTime
+		finalT += st.FinalPassTime
+		stateT += st.SaveStateTime
+		resumeT += st.ResumeTime
 		total += st.Total
 		rounds += st.Rounds
 		sent += st.BytesSent
@@ -147,6 +151,10 @@ func benchMigrate(b *testing.B, guest string, cfg machine.Config, p guests.Param
 	b.ReportMetric(float64(downtime)/n/1e6, "downtime_ms")
 	b.ReportMetric(float64(targetDown)/n/1e6, "target_downtime_ms")
 	b.ReportMetric(float64(sentTime)/n/1e6, "sent_ms")
+	b.ReportMetric(float64(pauseT)/n/1e6, "pause_ms")
+	b.ReportMetric(float64(finalT)/n/1e6, "final_pass_ms")
+	b.ReportMetric(float64(stateT)/n/1e6, "save_state_ms")
+	b.ReportMetric(float64(resumeT)/n/1e6, "target_resume_ms")
 	b.ReportMetric(float64(total)/n/1e6, "total_ms")
 	b.ReportMetric(float64(rounds)/n, "rounds")
 	b.ReportMetric(float64(sent)/n/(1<<20), "sent_MiB")
