@@ -3,11 +3,13 @@ package main
 import (
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
+	"github.com/kvmkit/kvmkit/kvm"
 	"github.com/kvmkit/kvmkit/kvm/machine"
 	"github.com/kvmkit/kvmkit/virtio"
 	"github.com/kvmkit/kvmkit/virtio/blk"
@@ -185,6 +187,15 @@ func (v *virtioFlags) attach(env *cliEnv, m *machine.Machine, f *runFlags) error
 		}
 		m.AddStateDevice(d.name, t)
 		v.args = append(v.args, mmio.CmdlineArg(base, 0x1000, irq))
+		qn, err := notifyByEventFD(m, len(d.dev.QueueMaxSizes()), func(q int) kvm.IOEventFD {
+			match := uint64(q)
+			return kvm.IOEventFD{Addr: base + mmio.RegQueueNotify, Len: 4, Datamatch: &match}
+		}, t.NotifyQueue)
+		if err != nil {
+			slog.Warn("queue notifications take the exit path", "device", d.name, "err", err)
+		} else {
+			m.AddCloser(qn)
+		}
 	}
 	return nil
 }
@@ -224,6 +235,16 @@ func (v *virtioFlags) attachPCI(m *machine.Machine, devs []namedDevice) error {
 			m.AddCloser(c)
 		}
 		m.AddStateDevice(d.name+"-pci", t)
+		bar := pciBARBase + uint64(i)*pci.BARSize
+		qn, err := notifyByEventFD(m, len(d.dev.QueueMaxSizes()), func(q int) kvm.IOEventFD {
+			// Linux's virtio-pci writes the 16-bit queue index.
+			return kvm.IOEventFD{Addr: bar + pci.NotifyOffset + uint64(q)*pci.NotifyMultiplier, Len: 2}
+		}, t.NotifyQueue)
+		if err != nil {
+			slog.Warn("queue notifications take the exit path", "device", d.name, "err", err)
+		} else {
+			m.AddCloser(qn)
+		}
 	}
 	v.args = append(v.args, "pci=noacpi")
 	return nil
