@@ -22,6 +22,16 @@ type VCPUState struct {
 
 // msrProbe filters the MSR index list down to the MSRs this vCPU can read,
 // one at a time (KVM_GET_MSRS stops at the first failure).
+// ProbeMSRs finds which of the host's MSRs this VM's vCPUs can read and
+// caches the list on the VM for SaveState. Call it once the CPUID is set
+// and before the vCPU runs (a vCPU ioctl waits for a running KVM_RUN), so
+// that the first SaveState, often inside a migration's downtime, does not
+// pay for it.
+func (c *VCPU) ProbeMSRs() error {
+	_, err := c.readableMSRs()
+	return err
+}
+
 func (c *VCPU) readableMSRs() ([]uint32, error) {
 	c.vm.mu.Lock()
 	cached := c.vm.readable

@@ -242,6 +242,13 @@ func (m *Machine) createVCPUs() error {
 		}
 		m.cpuid = append(m.cpuid, entries)
 	}
+	// SaveState's first call would otherwise find the readable MSRs inside
+	// a migration's downtime; the vCPU is not running yet, so ask now.
+	if len(m.vcpus) > 0 {
+		if err := m.vcpus[0].ProbeMSRs(); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
