@@ -292,6 +292,10 @@ func TestJailedRun(t *testing.T) {
 		{[]string{"run"}, 0, "Hello from a kvmkit long-mode guest!"},
 		{[]string{"run", "--guest", "exit42"}, 42, ""},
 		{[]string{"run", "--image", writeGuest(t, "hello16"), "--mode", "real"}, 0, "Hello from a kvmkit real-mode guest!"},
+		// A disk starts ioeventfd watcher goroutines (eventfd2, ppoll) and a
+		// block worker under the filters, on both transports.
+		{[]string{"run", "--guest", "exit42", "--disk", jailDisk(t)}, 42, ""},
+		{[]string{"run", "--guest", "exit42", "--disk", jailDisk(t), "--rng", "--transport", "pci"}, 42, ""},
 	} {
 		args := append(c.args, "--jail", filepath.Join(t.TempDir(), "jail"), "--seccomp", "enforce", "--mem-limit", "512M", "--cpu-quota", "50%")
 		code, out, errs := vmm(args...)
@@ -335,4 +339,16 @@ func FuzzFollowMigration(f *testing.F) {
 			_ = followMigration(env, bytes.NewReader(stream), asJSON)
 		}
 	})
+}
+
+// jailDisk is a small raw image the jailed VMM (an unprivileged user)
+// may open read-write: the test's temporary directories are 0700.
+func jailDisk(t *testing.T) string {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "disk.img")
+	require.NoError(t, os.WriteFile(p, make([]byte, 1<<20), 0o666))
+	require.NoError(t, os.Chmod(p, 0o666)) // past the umask
+	require.NoError(t, os.Chmod(dir, 0o755))
+	require.NoError(t, os.Chmod(filepath.Dir(dir), 0o755))
+	return p
 }

@@ -72,6 +72,7 @@ var classExtra = map[Class][]string{
 		"pwritev", "fsync", "fdatasync", "fallocate", "lseek", "fstat",
 		"ioctl", // tap offloads, KVM_IRQFD/IOEVENTFD registration
 		"epoll_create1", "epoll_ctl", "eventfd2", "close",
+		"ppoll", // virtio.WatchEventFD: ioeventfd queue notifications
 	},
 	ClassControl: {
 		"read", "openat", "close", "fstat", "newfstatat", "fcntl", "ioctl",
