@@ -20,11 +20,11 @@ import (
 // same address stays registered, so a write KVM does not match (another
 // width, a moved BAR) still arrives by the exit path.
 type queueNotifier struct {
-	vm      *kvm.VM
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
-	regs    []kvm.IOEventFD
-	closeMu sync.Once
+	vm        *kvm.VM
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	regs      []kvm.IOEventFD
+	closeOnce sync.Once
 }
 
 // notifyByEventFD registers one ioeventfd per queue (reg describes the
@@ -59,7 +59,7 @@ func notifyByEventFD(m *machine.Machine, queues int, reg func(q int) kvm.IOEvent
 // Close stops the watchers, deassigns the ioeventfds and closes them.
 func (n *queueNotifier) Close() error {
 	var errs []error
-	n.closeMu.Do(func() {
+	n.closeOnce.Do(func() {
 		n.cancel()
 		n.wg.Wait()
 		for _, e := range n.regs {

@@ -187,20 +187,27 @@ func (v *virtioFlags) attach(env *cliEnv, m *machine.Machine, f *runFlags) error
 		}
 		m.AddStateDevice(d.name, t)
 		v.args = append(v.args, mmio.CmdlineArg(base, 0x1000, irq))
-		if !useIOEventFD(d.dev) {
-			continue
-		}
-		qn, err := notifyByEventFD(m, len(d.dev.QueueMaxSizes()), func(q int) kvm.IOEventFD {
+		wireNotify(m, d, func(q int) kvm.IOEventFD {
 			match := uint64(q)
 			return kvm.IOEventFD{Addr: base + mmio.RegQueueNotify, Len: 4, Datamatch: &match}
 		}, t.NotifyQueue)
-		if err != nil {
-			slog.Warn("queue notifications take the exit path", "device", d.name, "err", err)
-		} else {
-			m.AddCloser(qn)
-		}
 	}
 	return nil
+}
+
+// wireNotify routes d's queue notifications through ioeventfds at the
+// addresses reg gives, when useIOEventFD allows it; if KVM refuses, the
+// transport's exit path keeps serving them and a warning says so.
+func wireNotify(m *machine.Machine, d namedDevice, reg func(q int) kvm.IOEventFD, notify func(q int)) {
+	if !useIOEventFD(d.dev) {
+		return
+	}
+	qn, err := notifyByEventFD(m, len(d.dev.QueueMaxSizes()), reg, notify)
+	if err != nil {
+		slog.Warn("queue notifications take the exit path", "device", d.name, "err", err)
+		return
+	}
+	m.AddCloser(qn)
 }
 
 // useIOEventFD says whether d's queue notifications go through ioeventfds.
@@ -232,8 +239,9 @@ func (v *virtioFlags) attachPCI(m *machine.Machine, devs []namedDevice) error {
 	}
 	for i, d := range devs {
 		irq := virtioIRQs[i%len(virtioIRQs)]
+		bar := pciBARBase + uint64(i)*pci.BARSize
 		t, err := pci.New(d.dev, m.Mem(), pci.Options{
-			Bus: m.MMIO(), BARAddr: pciBARBase + uint64(i)*pci.BARSize,
+			Bus: m.MMIO(), BARAddr: bar,
 			MSI: m.VM(), IRQ: m.IRQ(irq), IRQLine: uint8(irq),
 		})
 		if err != nil {
@@ -246,19 +254,10 @@ func (v *virtioFlags) attachPCI(m *machine.Machine, devs []namedDevice) error {
 			m.AddCloser(c)
 		}
 		m.AddStateDevice(d.name+"-pci", t)
-		if !useIOEventFD(d.dev) {
-			continue
-		}
-		bar := pciBARBase + uint64(i)*pci.BARSize
-		qn, err := notifyByEventFD(m, len(d.dev.QueueMaxSizes()), func(q int) kvm.IOEventFD {
+		wireNotify(m, d, func(q int) kvm.IOEventFD {
 			// Linux's virtio-pci writes the 16-bit queue index.
 			return kvm.IOEventFD{Addr: bar + pci.NotifyOffset + uint64(q)*pci.NotifyMultiplier, Len: 2}
 		}, t.NotifyQueue)
-		if err != nil {
-			slog.Warn("queue notifications take the exit path", "device", d.name, "err", err)
-		} else {
-			m.AddCloser(qn)
-		}
 	}
 	v.args = append(v.args, "pci=noacpi")
 	return nil
