@@ -190,6 +190,15 @@ func Launch(ctx context.Context, cfg Config) (res *Result, err error) {
 		})
 	}
 
+	// Opened before the VMM starts, so that a seccomp kill is reported with
+	// the VMM's own record, never one of an earlier process that had its
+	// PID. Without access to the kernel log the kill is still reported.
+	kmsg, kerr := seccomp.WatchKmsg()
+	if kerr == nil {
+		cleanups = append(cleanups, kmsg.Close)
+	} else {
+		log.Debug("seccomp violations will not be named", "err", kerr)
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
@@ -242,9 +251,12 @@ func Launch(ctx context.Context, cfg Config) (res *Result, err error) {
 		}
 		switch ws.Signal() {
 		case syscall.SIGSYS:
-			kctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			vs, _ := seccomp.WaitKmsg(kctx, pid)
-			cancel()
+			var vs []seccomp.Violation
+			if kmsg != nil {
+				kctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				vs, _ = kmsg.Wait(kctx, pid)
+				cancel()
+			}
 			return res, &seccomp.ViolationError{PID: pid, Violations: vs}
 		case syscall.SIGKILL:
 			if cg != nil {

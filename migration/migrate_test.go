@@ -205,9 +205,11 @@ func TestMigrateTargetFailures(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			before := gcPercent()
 			o := migrate(t, tcpPair, migrationtest.Options{DirtyRate: 5000}, tt.to, migration.Options{}, nil, nil)
 			requireSourceKept(t, o, tt.phase)
 			assert.ErrorContains(t, o.srcErr, tt.msg)
+			assert.Equal(t, before, gcPercent(), "a failed switch-over gives the collector back")
 		})
 	}
 }

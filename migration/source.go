@@ -74,6 +74,13 @@ type Options struct {
 	// Progress, if set, is called from Migrate's goroutine after each pass
 	// and every 64 MiB of the full pass. It must return quickly.
 	Progress func(Progress)
+	// KeepGC leaves the Go garbage collector alone. By default no new
+	// collection cycle starts from the pause to the target's Ack (or the
+	// source's resume), so that none lands in the downtime: with few CPUs a
+	// cycle there competes with the last pages and the state save. The
+	// setting is process-wide (debug.SetGCPercent); concurrent migrations
+	// in one process share the hold and the last one restores it.
+	KeepGC bool
 	// Logger receives a line per phase; default slog.Default().
 	Logger *slog.Logger
 }
@@ -494,6 +501,10 @@ func (m *migrator) iterate(ctx context.Context) error {
 
 func (m *migrator) switchover(ctx context.Context) error {
 	round := len(m.stats.PerRound)
+	if !m.opts.KeepGC {
+		gcHolds.hold()
+		defer gcHolds.release()
+	}
 	tPause := time.Now()
 	m.paused = true // a failed Pause may have stopped some vCPUs: resume them
 	if err := m.src.Pause(ctx); err != nil {

@@ -23,6 +23,11 @@ type ReceiveOptions struct {
 	// ConfirmTimeout bounds the wait for the source's Done after the Ack.
 	// Default 2 s.
 	ConfirmTimeout time.Duration
+	// KeepGC leaves the Go garbage collector alone. By default no new
+	// collection cycle starts from the source's Paused to the Ack, so that
+	// none lands in the downtime (the setting is process-wide; see
+	// Options.KeepGC).
+	KeepGC bool
 	// Logger receives a line per phase; default slog.Default().
 	Logger *slog.Logger
 }
@@ -157,6 +162,11 @@ func (r *receiver) run(parent context.Context) (ReceiveStats, error) {
 		tPaused time.Time
 		last    RecordType
 	)
+	defer func() {
+		if !tPaused.IsZero() && !r.opts.KeepGC {
+			gcHolds.release()
+		}
+	}()
 	for {
 		off := r.rr.off
 		t, p, err := r.next(ctx, r.opts.IdleTimeout)
@@ -195,6 +205,9 @@ func (r *receiver) run(parent context.Context) (ReceiveStats, error) {
 				return bad("source paused twice")
 			}
 			tPaused = time.Now()
+			if !r.opts.KeepGC {
+				gcHolds.hold()
+			}
 		case RecState:
 			if state != nil || tPaused.IsZero() {
 				return bad("state must come once, after Paused")

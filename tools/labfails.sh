@@ -5,7 +5,9 @@
 # build or lost its L1: such a failure is not a test to run again.
 set -euo pipefail
 awk '
-	/^NESTLAB-PKG-START=/ { n = 0; pbad = 0 }
+	# Failures count until the package result line (ok/FAIL); a run that
+	# nestlab resumed in a fresh L1 prints the package tests in two parts.
+	/^ok  \t/ { n = 0; pbad = 0 }
 	/^--- FAIL: / { cur[++n] = $3 }
 	/^panic: / { pbad = 1 }
 	/^FAIL\t/ {

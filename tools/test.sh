@@ -59,24 +59,18 @@ elif [[ "${KVMKIT_SKIP_LAB:-}" == 1 ]]; then
 	step "no /dev/kvm and KVMKIT_SKIP_LAB=1: KVM tests skipped"
 else
 	step "KVM tests in the nested lab (no /dev/kvm on this host)"
-	# Two L1 boots keep each one short. nestlab exits 124/125/126 when L1
-	# itself hung, crashed or could not load kvm-amd (QEMU's software
-	# emulation of nested SVM is not perfectly stable under load); such a
-	# boot is tried once more. When tests fail (status 1), exactly those
-	# top-level tests run once more in a fresh L1 and the first failure is
-	# printed as a LAB FLAKE; a test that fails twice fails the run, and so
-	# does a package that failed without naming a test (a panic, a timeout).
+	# Two L1 boots keep each one short. When L1 itself hangs, stalls (its
+	# console and heartbeat silent for 3 minutes) or dies, nestlab boots a
+	# fresh one and goes on with the unfinished tests (--resume: QEMU's
+	# software emulation of nested SVM is not perfectly stable). When tests
+	# fail (status 1), exactly those top-level tests run once more in a
+	# fresh L1 and the first failure is printed as a LAB FLAKE; a test that
+	# fails twice fails the run, and so does a package that failed without
+	# naming a test (a panic, a timeout).
 	nestlab="$(mktemp -d)/nestlab"
 	go build -o "$nestlab" ./tools/nestlab # go run would turn every status into 1
 	boot() {
-		local rc=0
-		"$nestlab" gotest --testkernel --timeout 25m --pkgtimeout 12m "$@" || rc=$?
-		if ((rc >= 124 && rc <= 126)); then
-			echo "tools/test.sh: the lab itself failed (status $rc); booting it once more"
-			rc=0
-			"$nestlab" gotest --testkernel --timeout 25m --pkgtimeout 12m "$@" || rc=$?
-		fi
-		return "$rc"
+		"$nestlab" gotest --testkernel --timeout 25m --pkgtimeout 12m --stall 3m --resume 3 "$@"
 	}
 	lab() {
 		local log rc=0

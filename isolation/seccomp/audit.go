@@ -113,18 +113,29 @@ func ParseAuditRecord(line string) (v Violation, ok bool) {
 // maxKmsgRecord bounds one /dev/kmsg record; the kernel's limit is 8 KiB.
 const maxKmsgRecord = 8192
 
-// ScanKmsg reads the kernel log ring buffer from /dev/kmsg without blocking
-// and returns the seccomp violations recorded for pid (all pids if pid is
-// 0). Reading /dev/kmsg needs CAP_SYSLOG unless dmesg_restrict is 0.
+// ScanKmsg reads the whole kernel log ring buffer from /dev/kmsg without
+// blocking and returns the seccomp violations recorded for pid (all pids if
+// pid is 0). The ring buffer outlives processes: on a host that has run
+// many, it can hold a record of an earlier process that had the same PID.
+// To attribute violations to one process, open a KmsgWatcher before
+// starting it. Reading /dev/kmsg needs CAP_SYSLOG unless dmesg_restrict is 0.
 func ScanKmsg(pid int) ([]Violation, error) {
+	fd, err := openKmsg()
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	return scanRecords(fdReader(fd), pid)
+}
+
+func openKmsg() (int, error) {
 	// A raw fd, not *os.File: os would park a non-blocking read of a
 	// pollable device in the netpoller instead of returning EAGAIN.
 	fd, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("seccomp: read kernel log: %w", &os.PathError{Op: "open", Path: "/dev/kmsg", Err: err})
+		return -1, fmt.Errorf("seccomp: read kernel log: %w", &os.PathError{Op: "open", Path: "/dev/kmsg", Err: err})
 	}
-	defer unix.Close(fd)
-	return scanRecords(fdReader(fd), pid)
+	return fd, nil
 }
 
 type fdReader int
@@ -166,16 +177,56 @@ func scanRecords(r io.Reader, pid int) ([]Violation, error) {
 	}
 }
 
-// WaitKmsg polls the kernel log until it holds at least one violation for
-// pid or ctx ends. The audit subsystem hands records to the log from its
-// own kernel thread, so a record can appear shortly after the offending
-// process has already died. When ctx ends first WaitKmsg returns ctx's
-// error and no violations.
-func WaitKmsg(ctx context.Context, pid int) ([]Violation, error) {
+// KmsgWatcher sees the seccomp violations the kernel logs after it was
+// opened, so that a record of an earlier process that had the same PID is
+// never attributed to the process started after it. Open it before
+// starting the process to watch; it is not safe for concurrent use.
+type KmsgWatcher struct {
+	fd   int
+	seen []Violation // every violation read so far, all PIDs
+}
+
+// WatchKmsg opens /dev/kmsg positioned after the last record logged so far.
+func WatchKmsg() (*KmsgWatcher, error) {
+	fd, err := openKmsg()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := unix.Seek(fd, 0, io.SeekEnd); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("seccomp: read kernel log: seek to its end: %w", err)
+	}
+	return &KmsgWatcher{fd: fd}, nil
+}
+
+// Scan reads what was logged since the last call, without blocking, and
+// returns every violation recorded for pid since the watcher was opened
+// (all pids if pid is 0).
+func (w *KmsgWatcher) Scan(pid int) ([]Violation, error) {
+	if w.fd < 0 {
+		return nil, errors.New("seccomp: kernel log watcher is closed")
+	}
+	vs, err := scanRecords(fdReader(w.fd), 0)
+	w.seen = append(w.seen, vs...)
+	var out []Violation
+	for _, v := range w.seen {
+		if pid == 0 || v.PID == pid {
+			out = append(out, v)
+		}
+	}
+	return out, err
+}
+
+// Wait polls the kernel log until it holds at least one violation for pid
+// logged since the watcher was opened, or ctx ends. The audit subsystem
+// hands records to the log from its own kernel thread, so a record can
+// appear shortly after the offending process has already died. When ctx
+// ends first Wait returns ctx's error and no violations.
+func (w *KmsgWatcher) Wait(ctx context.Context, pid int) ([]Violation, error) {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		vs, err := ScanKmsg(pid)
+		vs, err := w.Scan(pid)
 		if err != nil || len(vs) > 0 {
 			return vs, err
 		}
@@ -185,4 +236,14 @@ func WaitKmsg(ctx context.Context, pid int) ([]Violation, error) {
 		case <-tick.C:
 		}
 	}
+}
+
+// Close releases the watcher's file descriptor. It is idempotent.
+func (w *KmsgWatcher) Close() error {
+	if w.fd < 0 {
+		return nil
+	}
+	fd := w.fd
+	w.fd = -1
+	return unix.Close(fd)
 }

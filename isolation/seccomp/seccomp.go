@@ -36,10 +36,10 @@ const (
 	// ModeOff installs no filter.
 	ModeOff Mode = iota
 	// ModeAudit allows the call and asks the kernel to log it
-	// (SECCOMP_RET_LOG); read the log back with ScanKmsg.
+	// (SECCOMP_RET_LOG); read the log back with a KmsgWatcher.
 	ModeAudit
 	// ModeEnforce kills the whole process (SECCOMP_RET_KILL_PROCESS); the
-	// parent sees SIGSYS and the kernel logs the call (see ScanKmsg).
+	// parent sees SIGSYS and the kernel logs the call (see KmsgWatcher).
 	ModeEnforce
 	// ModeErrno makes the call fail with EPERM instead of killing; useful
 	// to probe a policy without losing the process.

@@ -212,6 +212,55 @@ func FuzzParseAuditRecord(f *testing.F) {
 	})
 }
 
+func watchKmsg(t *testing.T) *KmsgWatcher {
+	t.Helper()
+	w, err := WatchKmsg()
+	require.NoError(t, err)
+	t.Cleanup(func() { w.Close() })
+	return w
+}
+
+// TestKmsgWatcherIgnoresEarlierRecords writes fake seccomp records for one
+// PID to the kernel log before and after a watcher opens: the whole-log
+// scan sees both, the watcher only the later one. (A real host's log can
+// hold a record of an earlier process with the PID a new child gets.)
+func TestKmsgWatcherIgnoresEarlierRecords(t *testing.T) {
+	requireRoot(t)
+	const pid = 2147480001
+	logRecord := func(nr int) {
+		f, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0)
+		require.NoError(t, err)
+		defer f.Close()
+		_, err = fmt.Fprintf(f, "kvmkit-test audit: type=1326 pid=%d comm=\"old\" sig=31 syscall=%d code=0x80000000\n", pid, nr)
+		require.NoError(t, err)
+	}
+	logRecord(unix.SYS_SOCKET)
+	w := watchKmsg(t)
+	vs, err := w.Scan(pid)
+	require.NoError(t, err)
+	assert.Empty(t, vs, "a record logged before the watcher opened")
+
+	logRecord(unix.SYS_MOUNT)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	vs, err = w.Wait(ctx, pid)
+	require.NoError(t, err)
+	require.Len(t, vs, 1)
+	assert.Equal(t, "mount", vs[0].Name)
+	vs, err = w.Scan(pid) // nothing new: what was seen is kept
+	require.NoError(t, err)
+	assert.Len(t, vs, 1)
+
+	all, err := ScanKmsg(pid)
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, len(all), 2, "the whole log holds both")
+
+	require.NoError(t, w.Close())
+	require.NoError(t, w.Close(), "idempotent")
+	_, err = w.Scan(pid)
+	assert.Error(t, err)
+}
+
 func requireRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -235,6 +284,7 @@ func TestInstallProcessErrno(t *testing.T) {
 
 func TestInstallProcessEnforceReportsName(t *testing.T) {
 	requireRoot(t)
+	kw := watchKmsg(t)
 	out, st := runChild(t, "process-enforce")
 	ws := st.Sys().(syscall.WaitStatus)
 	require.True(t, ws.Signaled(), "child should be killed: %s", out)
@@ -242,7 +292,7 @@ func TestInstallProcessEnforceReportsName(t *testing.T) {
 	assert.NotContains(t, out, "socket=")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	vs, err := WaitKmsg(ctx, st.Pid())
+	vs, err := kw.Wait(ctx, st.Pid())
 	require.NoError(t, err)
 	require.NotEmpty(t, vs, "kernel log has no seccomp record for pid %d", st.Pid())
 	last := vs[len(vs)-1]
@@ -255,12 +305,13 @@ func TestInstallProcessEnforceReportsName(t *testing.T) {
 
 func TestInstallProcessAuditLogs(t *testing.T) {
 	requireRoot(t)
+	kw := watchKmsg(t)
 	out, st := runChild(t, "process-audit")
 	require.True(t, st.Success(), out)
 	assert.Contains(t, out, "socket=<nil>")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	vs, err := WaitKmsg(ctx, st.Pid())
+	vs, err := kw.Wait(ctx, st.Pid())
 	require.NoError(t, err)
 	var names []string
 	for _, v := range vs {

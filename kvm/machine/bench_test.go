@@ -2,6 +2,7 @@ package machine_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -92,5 +93,51 @@ func BenchmarkMachineBoot(b *testing.B) {
 		require.NoError(b, err)
 		require.Equal(b, uint8(42), res.ExitCode)
 		m.Close()
+	}
+}
+
+// BenchmarkSaveState is the state part of a migration's downtime: reading
+// every vCPU's and the VM's state from KVM and encoding it, on a paused
+// machine with the in-kernel irqchip, by parts (vcpu = one
+// kvm.VCPU.SaveState, vm = kvm.VM.SaveState, encode = State.Bytes, all =
+// Machine.SaveState plus encoding).
+func BenchmarkSaveState(b *testing.B) {
+	requireKVM(b)
+	for _, cpus := range []int{1, 2} {
+		m := newGuest(b, guests.PIOLoop, machine.Config{MemSize: 16 << 20, CPUs: cpus}, nil) // loops forever
+		require.NoError(b, m.PIO().Register(guests.PIOPort, 1, kvm.DeviceFunc{WriteFunc: func(uint64, []byte) {}}))
+		require.NoError(b, m.Start(context.Background()))
+		require.NoError(b, m.Pause(context.Background()))
+		st, err := m.SaveState()
+		require.NoError(b, err)
+		b.Run(fmt.Sprintf("cpus=%d/vcpu", cpus), func(b *testing.B) {
+			for b.Loop() {
+				_, err := m.VCPUs()[0].SaveState()
+				require.NoError(b, err)
+			}
+		})
+		b.Run(fmt.Sprintf("cpus=%d/vm", cpus), func(b *testing.B) {
+			for b.Loop() {
+				_, err := m.VM().SaveState(true, true)
+				require.NoError(b, err)
+			}
+		})
+		b.Run(fmt.Sprintf("cpus=%d/encode", cpus), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				_, err := st.Bytes()
+				require.NoError(b, err)
+			}
+		})
+		b.Run(fmt.Sprintf("cpus=%d/all", cpus), func(b *testing.B) {
+			for b.Loop() {
+				s, err := m.SaveState()
+				require.NoError(b, err)
+				_, err = s.Bytes()
+				require.NoError(b, err)
+			}
+		})
+		m.Stop(kvm.Result{Reason: kvm.StopCanceled})
+		_, _ = m.Wait()
 	}
 }

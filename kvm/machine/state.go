@@ -12,9 +12,14 @@ import (
 	"github.com/kvmkit/kvmkit/kvm"
 )
 
-// StateVersion is the version of the encoded machine state. Decode rejects
-// any other version.
-const StateVersion = 1
+// StateVersion is the version of the encoded machine state that Encode
+// writes: 2 is the binary layout described on appendBinary. DecodeState
+// also reads version 1 (gob) states from earlier builds and rejects any
+// other version.
+const StateVersion = 2
+
+// stateVersionGob is the first version: a gob-encoded State.
+const stateVersionGob = 1
 
 // stateMagic starts an encoded State.
 const stateMagic = "KVMKSTAT"
@@ -121,33 +126,35 @@ func (m *Machine) AddStateDevice(name string, d StateSaver) {
 	m.stateDevs[name] = d
 }
 
-// Encode writes s as: magic, version (uint32), length (uint32), gob
-// payload, CRC32C of the payload.
+// Encode writes s as: magic, version (uint32), length (uint32), payload
+// (the binary layout described on appendBinary), CRC32C of the payload.
 func (s *State) Encode(w io.Writer) error {
-	var buf bytes.Buffer
-	if err := gob.NewEncoder(&buf).Encode(s); err != nil {
-		return fmt.Errorf("encode machine state: %w", err)
+	b, err := s.Bytes()
+	if err != nil {
+		return err
 	}
-	hdr := make([]byte, 16)
-	copy(hdr, stateMagic)
-	binary.LittleEndian.PutUint32(hdr[8:], StateVersion)
-	binary.LittleEndian.PutUint32(hdr[12:], uint32(buf.Len()))
-	sum := crc32.Checksum(buf.Bytes(), crc32.MakeTable(crc32.Castagnoli))
-	var tail [4]byte
-	binary.LittleEndian.PutUint32(tail[:], sum)
-	for _, b := range [][]byte{hdr, buf.Bytes(), tail[:]} {
-		if _, err := w.Write(b); err != nil {
-			return err
-		}
-	}
-	return nil
+	_, err = w.Write(b)
+	return err
 }
+
+// castagnoli is the CRC32C table (crc32.MakeTable caches it).
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Bytes returns the encoded state.
 func (s *State) Bytes() ([]byte, error) {
-	var b bytes.Buffer
-	err := s.Encode(&b)
-	return b.Bytes(), err
+	b := make([]byte, 16, 16+len(s.VCPUs)*16<<10+4<<10)
+	copy(b, stateMagic)
+	binary.LittleEndian.PutUint32(b[8:], StateVersion)
+	b, err := s.appendBinary(b)
+	if err != nil {
+		return nil, err
+	}
+	n := len(b) - 16
+	if n > maxStateSize {
+		return nil, fmt.Errorf("encode machine state: %d bytes above the limit of %d", n, maxStateSize)
+	}
+	binary.LittleEndian.PutUint32(b[12:], uint32(n))
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b[16:], castagnoli)), nil
 }
 
 // StateError reports a malformed encoded state.
@@ -165,8 +172,9 @@ func DecodeState(r io.Reader) (*State, error) {
 	if string(hdr[:8]) != stateMagic {
 		return nil, &StateError{Reason: fmt.Sprintf("bad magic %q", hdr[:8])}
 	}
-	if v := binary.LittleEndian.Uint32(hdr[8:]); v != StateVersion {
-		return nil, &StateError{Reason: fmt.Sprintf("version %d, this build reads version %d", v, StateVersion)}
+	version := binary.LittleEndian.Uint32(hdr[8:])
+	if version != StateVersion && version != stateVersionGob {
+		return nil, &StateError{Reason: fmt.Sprintf("version %d, this build reads versions %d and %d", version, stateVersionGob, StateVersion)}
 	}
 	n := binary.LittleEndian.Uint32(hdr[12:])
 	if n > maxStateSize {
@@ -177,12 +185,36 @@ func DecodeState(r io.Reader) (*State, error) {
 		return nil, &StateError{Reason: fmt.Sprintf("payload: %v", err)}
 	}
 	want := binary.LittleEndian.Uint32(payload[n:])
-	if got := crc32.Checksum(payload[:n], crc32.MakeTable(crc32.Castagnoli)); got != want {
+	if got := crc32.Checksum(payload[:n], castagnoli); got != want {
 		return nil, &StateError{Reason: fmt.Sprintf("checksum %#x, want %#x", got, want)}
+	}
+	if version == StateVersion {
+		return decodeBinary(payload[:n])
 	}
 	var s State
 	if err := gob.NewDecoder(bytes.NewReader(payload[:n])).Decode(&s); err != nil {
 		return nil, &StateError{Reason: fmt.Sprintf("decode: %v", err)}
+	}
+	// The same shapes as a version-2 decode: gob leaves empty values nil.
+	if s.Devices == nil {
+		s.Devices = map[string][]byte{}
+	}
+	for name, b := range s.Devices {
+		if b == nil {
+			s.Devices[name] = []byte{}
+		}
+	}
+	for i := range s.VCPUs {
+		c := &s.VCPUs[i]
+		if len(c.CPUID) == 0 {
+			c.CPUID = nil
+		}
+		if len(c.MSRs) == 0 {
+			c.MSRs = nil
+		}
+		if len(c.XSave.Extra) == 0 {
+			c.XSave.Extra = nil
+		}
 	}
 	return &s, nil
 }

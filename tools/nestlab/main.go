@@ -38,7 +38,7 @@ const usage = `usage:
   nestlab exec BINARY ARGS...        (go test -exec 'go run github.com/kvmkit/kvmkit/tools/nestlab exec')
   nestlab selftest [flags] [--exits N]
   nestlab vmm VMM-ARGS...            (examples/vmm on /dev/kvm, or in L1 without one)
-common flags: --mem 6G --cpus 2 --timeout 20m --file HOST:GUEST --env K=V --testkernel -v
+common flags: --mem 6G --cpus 1 --timeout 20m --stall 3m --file HOST:GUEST --env K=V --testkernel -v
 `
 
 // TestKernelGuestDir is where --testkernel packs the test kernel in L1.
@@ -62,12 +62,16 @@ type common struct {
 	machine    string
 	kvmAMD     string
 	cmdline    string
+	stall      time.Duration
+	nudges     int
 }
 
 func (c *common) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.mem, "mem", "6G", "L1 memory (QEMU -m)")
 	fs.IntVar(&c.cpus, "cpus", 1, "L1 CPUs (more than one has wedged L1 under QEMU TCG when VMs are created and destroyed quickly)")
 	fs.DurationVar(&c.timeout, "timeout", 20*time.Minute, "kill L1 after this long")
+	fs.DurationVar(&c.stall, "stall", 3*time.Minute, "kill L1 when its console, heartbeat included, is silent this long (0: never); the L1 CPU registers are printed first")
+	fs.IntVar(&c.nudges, "nudges", 3, "before killing a stalled L1, send it an NMI (QEMU monitor) up to this many times per boot and go on when its heartbeat returns")
 	fs.Var(&c.files, "file", "HOST:GUESTPATH to pack into L1 (file or directory; repeatable)")
 	fs.Var(&c.env, "env", "K=V exported to the payload (repeatable)")
 	fs.BoolVar(&c.testkernel, "testkernel", false, "build or reuse tools/testkernel and pack it at "+TestKernelGuestDir)
@@ -222,7 +226,7 @@ func (a *app) testKernel(ctx context.Context) (string, error) {
 func (a *app) options(c *common) lab.Options {
 	return lab.Options{
 		QEMU: c.qemu, Mem: c.mem, CPUs: c.cpus, Machine: c.machine,
-		Timeout: c.timeout, Cmdline: c.cmdline, Output: a.stdout, Logger: a.log,
+		Timeout: c.timeout, Stall: c.stall, Nudges: c.nudges, Cmdline: c.cmdline, Output: a.stdout, Logger: a.log,
 	}
 }
 
@@ -247,6 +251,12 @@ func (a *app) summary(res *lab.Result, err error) {
 	if err != nil && len(res.Tail) > 0 {
 		fmt.Fprintln(a.stderr, "nestlab: last L1 console lines:")
 		for _, l := range res.Tail {
+			fmt.Fprintln(a.stderr, "  | "+l)
+		}
+	}
+	if len(res.CPU) > 0 {
+		fmt.Fprintln(a.stderr, "nestlab: L1 CPU when it stalled (QEMU monitor):")
+		for _, l := range res.CPU {
 			fmt.Fprintln(a.stderr, "  | "+l)
 		}
 	}
@@ -404,12 +414,14 @@ func (a *app) cmdGotest(ctx context.Context, args []string) (int, error) {
 	var c common
 	var runRE, benchRE, benchtime, count string
 	var pkgTimeout time.Duration
+	var resume int
 	rest, err := a.parse("gotest", args, &c, func(fs *flag.FlagSet) {
 		fs.DurationVar(&pkgTimeout, "pkgtimeout", 0, "-test.timeout for every package (default: --timeout); a hung package then panics with its goroutines' stacks and the next package runs")
 		fs.StringVar(&runRE, "run", "", "-test.run for every package")
 		fs.StringVar(&benchRE, "bench", "", "-test.bench for every package")
 		fs.StringVar(&benchtime, "benchtime", "", "-test.benchtime for every package")
 		fs.StringVar(&count, "count", "", "-test.count for every package")
+		fs.IntVar(&resume, "resume", 2, "when L1 itself hangs, stalls or dies, boot a fresh one up to this many times to run the unfinished packages (skipping the top-level tests they finished)")
 	})
 	if err != nil {
 		return 0, err
@@ -482,8 +494,22 @@ func (a *app) cmdGotest(ctx context.Context, args []string) (int, error) {
 	opts := a.options(&c)
 	rep := newPkgReporter(a.stdout, pkgs)
 	opts.OnMarker = rep.marker
-	res, err := lab.Boot(ctx, host, a.spec(&c, im, env, lab.GoTestPayload(len(pkgs), targs), "/"), opts)
-	a.summary(res, err)
+	opts.OnLine = rep.line
+	var res *lab.Result
+	for attempt := 0; ; attempt++ {
+		runs := rep.remaining(targs)
+		if len(runs) == 0 {
+			break
+		}
+		res, err = lab.Boot(ctx, host, a.spec(&c, im, env, lab.GoTestRunsPayload(runs), "/"), opts)
+		a.summary(res, err)
+		if err == nil || !resumable(err) || attempt >= resume {
+			break
+		}
+		runs = rep.remaining(targs)
+		fmt.Fprintf(a.stderr, "nestlab: LAB RESUME %d/%d: %v; a fresh L1 runs the %d unfinished package(s), skipping the %d top-level test(s) they already finished\n",
+			attempt+1, resume, err, len(runs), rep.skipped())
+	}
 	rep.unfinished()
 	if err != nil {
 		return 0, err
@@ -492,4 +518,13 @@ func (a *app) cmdGotest(ctx context.Context, args []string) (int, error) {
 		return 1, nil
 	}
 	return 0, nil
+}
+
+// resumable reports whether a gotest boot that ended with err is worth
+// continuing in a fresh L1: L1 itself hung, stalled or died (QEMU's
+// emulated nested SVM is not perfectly stable), as opposed to an
+// interrupt or a QEMU that cannot start.
+func resumable(err error) bool {
+	return errors.Is(err, lab.ErrTimeout) || errors.Is(err, lab.ErrStalled) ||
+		errors.Is(err, lab.ErrCrashed) || errors.Is(err, lab.ErrNoKVM)
 }

@@ -33,6 +33,44 @@ func TestPkgReporter(t *testing.T) {
 	assert.Equal(t, "FAIL\tex.com/c [did not finish: L1 ended]\nFAIL\tex.com/d [not run: L1 ended]\n", out.String())
 }
 
+func TestPkgReporterResume(t *testing.T) {
+	var out bytes.Buffer
+	pkgs := []lab.TestPackage{{ImportPath: "ex.com/a"}, {ImportPath: "ex.com/b"}, {ImportPath: "ex.com/c"}}
+	r := newPkgReporter(&out, pkgs)
+	args := []string{"-test.timeout=1m"}
+	assert.Equal(t, []lab.PackageRun{{Index: 0, Args: args}, {Index: 1, Args: args}, {Index: 2, Args: args}}, r.remaining(args))
+
+	// First L1: a passes; b finishes two tests (one fails, one is named
+	// like a regexp), a subtest line and a line outside any package do not
+	// count, then L1 is lost while b runs TestStuck.
+	r.line("--- PASS: TestOutside (0.00s)")
+	r.marker(lab.Marker{Kind: lab.MarkerPkgStart, Index: 0})
+	r.line("--- PASS: TestA (0.10s)")
+	r.marker(lab.Marker{Kind: lab.MarkerPkgEnd, Index: 0, Code: 0})
+	r.marker(lab.Marker{Kind: lab.MarkerPkgStart, Index: 1})
+	r.line("--- FAIL: TestB1 (0.20s)")
+	r.line("    --- PASS: TestB1/sub (0.10s)")
+	r.line("--- SKIP: TestB.2 (0.00s)")
+	r.line("=== RUN   TestStuck")
+	assert.Equal(t, []lab.PackageRun{
+		{Index: 1, Args: []string{"-test.timeout=1m", `-test.skip=^(TestB1|TestB\.2)$`}},
+		{Index: 2, Args: args},
+	}, r.remaining(args))
+	assert.Equal(t, 2, r.skipped())
+
+	// Second L1: b's remaining test passes, but its earlier failure stands.
+	r.marker(lab.Marker{Kind: lab.MarkerPkgStart, Index: 1})
+	r.line("--- PASS: TestStuck (1.00s)")
+	r.marker(lab.Marker{Kind: lab.MarkerPkgEnd, Index: 1, Code: 0})
+	r.marker(lab.Marker{Kind: lab.MarkerPkgStart, Index: 2})
+	r.marker(lab.Marker{Kind: lab.MarkerPkgEnd, Index: 2, Code: 0})
+	assert.Empty(t, r.remaining(args))
+	assert.Contains(t, out.String(), "ok  \tex.com/a\t")
+	assert.Contains(t, out.String(), "FAIL\tex.com/b\t")
+	assert.Contains(t, out.String(), "ok  \tex.com/c\t")
+	assert.True(t, r.failed)
+}
+
 func TestRunUsage(t *testing.T) {
 	tests := []struct {
 		args []string

@@ -107,16 +107,33 @@ func (g GoTool) Build(ctx context.Context, pkg, out string) error {
 // with -test.v and args, bracketed by PKG-START/PKG-END markers. It exits 1
 // if any package failed.
 func GoTestPayload(n int, args []string) string {
+	runs := make([]PackageRun, n)
+	for i := range runs {
+		runs[i] = PackageRun{Index: i, Args: args}
+	}
+	return GoTestRunsPayload(runs)
+}
+
+// PackageRun is one package's test binary run: its index (binary
+// GuestBinDir/<Index>.test) and its arguments after -test.v.
+type PackageRun struct {
+	Index int
+	Args  []string
+}
+
+// GoTestRunsPayload is GoTestPayload for chosen packages, each with its
+// own arguments (a resumed run skips what already ran).
+func GoTestRunsPayload(runs []PackageRun) string {
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\nfail=0\n")
-	q := make([]string, len(args))
-	for i, a := range args {
-		q[i] = ShellQuote(a)
-	}
-	extra := strings.Join(q, " ")
-	for i := 0; i < n; i++ {
+	for _, r := range runs {
+		q := make([]string, len(r.Args))
+		for i, a := range r.Args {
+			q[i] = ShellQuote(a)
+		}
+		i := r.Index
 		fmt.Fprintf(&b, "echo %sPKG-START=%d\n", markerPrefix, i)
-		fmt.Fprintf(&b, "(cd %s/%d && exec %s/%d.test -test.v %s)\n", GuestPkgDir, i, GuestBinDir, i, extra)
+		fmt.Fprintf(&b, "(cd %s/%d && exec %s/%d.test -test.v %s)\n", GuestPkgDir, i, GuestBinDir, i, strings.Join(q, " "))
 		fmt.Fprintf(&b, "rc=$?\necho %sPKG-END=%d:$rc\n[ $rc -eq 0 ] || fail=1\n", markerPrefix, i)
 	}
 	b.WriteString("exit $fail\n")

@@ -199,3 +199,9 @@ func ReadModule(ctx context.Context, m ModuleFile) ([]byte, error) {
 	}
 	return os.ReadFile(m.Path)
 }
+
+// SystemMap returns the path of the kernel's System.map (used to name the
+// L1 kernel function a stalled CPU is in; it may not exist).
+func (h *Host) SystemMap() string {
+	return filepath.Join(filepath.Dir(h.Kernel), "System.map-"+h.KernelVersion)
+}

@@ -19,6 +19,7 @@ const (
 	MarkerError    MarkerKind = "ERROR"     // lab setup failed; Value is the reason
 	MarkerPkgStart MarkerKind = "PKG-START" // gotest: package Index starts
 	MarkerPkgEnd   MarkerKind = "PKG-END"   // gotest: package Index ended with Code
+	MarkerAlive    MarkerKind = "ALIVE"     // heartbeat while the payload runs; Value is "uptime=<s>"
 )
 
 // Marker is a parsed marker line.
@@ -33,6 +34,7 @@ type Marker struct {
 //
 //	NESTLAB-BOOT uptime=1.23
 //	NESTLAB-START ...
+//	NESTLAB-ALIVE uptime=61.2
 //	NESTLAB-EXIT=<0..255>
 //	NESTLAB-ERROR=<reason>
 //	NESTLAB-PKG-START=<index>
@@ -53,7 +55,7 @@ func ParseMarker(line string) (Marker, bool) {
 	}
 	m := Marker{Kind: MarkerKind(kind), Value: val}
 	switch m.Kind {
-	case MarkerBoot, MarkerStart:
+	case MarkerBoot, MarkerStart, MarkerAlive:
 		return m, true
 	case MarkerError:
 		if val == "" || rest[end] != '=' {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -26,6 +27,7 @@ var (
 	ErrCrashed  = errors.New("nestlab: L1 ended without an exit marker")
 	ErrQEMU     = errors.New("nestlab: QEMU failed")
 	ErrCanceled = errors.New("nestlab: interrupted")
+	ErrStalled  = errors.New("nestlab: L1 stalled")
 )
 
 // Exit statuses the nestlab command uses when the payload's own status is
@@ -39,7 +41,7 @@ const (
 
 // BootError is a lab failure (not a payload failure).
 type BootError struct {
-	Kind   error  // one of ErrTimeout, ErrNoKVM, ErrCrashed, ErrQEMU, ErrCanceled
+	Kind   error  // one of ErrTimeout, ErrStalled, ErrNoKVM, ErrCrashed, ErrQEMU, ErrCanceled
 	Reason string // one-line detail
 }
 
@@ -53,7 +55,7 @@ func ExitStatus(err error) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, ErrTimeout):
+	case errors.Is(err, ErrTimeout), errors.Is(err, ErrStalled):
 		return ExitTimeout
 	case errors.Is(err, ErrNoKVM):
 		return ExitNoKVM
@@ -70,21 +72,33 @@ type Spec struct {
 	Env          []string          // K=V exported to the payload (KVMKIT_NESTLAB=1 is always added)
 	Files        *Image            // extra files to pack (may be nil)
 	ModuleParams map[string]string // module name -> parameters, e.g. "kvm-amd": "npt=1"
+	Heartbeat    time.Duration     // ALIVE marker period while the payload runs; 0: none (Boot sets it from Options.Stall)
 }
 
 // Options control QEMU and output handling.
 type Options struct {
-	QEMU        string        // QEMU binary; default "qemu-system-x86_64"
-	Mem         string        // guest memory, default "6G"
-	CPUs        int           // L1 CPUs, default 1 (see nestlab --cpus)
-	Machine     string        // QEMU machine, default "pc"
-	Timeout     time.Duration // whole-boot limit, default 20m
-	Cmdline     string        // extra kernel parameters
-	Output      io.Writer     // serial console lines; nil discards
-	PayloadOnly bool          // forward only the payload's lines to Output
-	OnMarker    func(Marker)  // called for each marker line, in order
-	TempDir     string        // where the initramfs is written; default os.TempDir()
-	Logger      *slog.Logger  // progress messages; nil discards
+	QEMU    string        // QEMU binary; default "qemu-system-x86_64"
+	Mem     string        // guest memory, default "6G"
+	CPUs    int           // L1 CPUs, default 1 (see nestlab --cpus)
+	Machine string        // QEMU machine, default "pc"
+	Timeout time.Duration // whole-boot limit, default 20m
+	// Stall, when positive, ends the boot with ErrStalled once L1 has
+	// printed nothing, not even its heartbeat, for this long after /init
+	// started: L1 itself has stopped (QEMU's emulation of nested SVM
+	// has wedged it), which no test timeout inside L1 can report. The
+	// L1 CPU registers are read from the QEMU monitor first (Result.CPU).
+	Stall time.Duration
+	// Nudges is how many times a stalled L1 is first sent an NMI through
+	// the QEMU monitor: when its heartbeat comes back the boot goes on
+	// (Result.Nudges counts them).
+	Nudges      int
+	Cmdline     string       // extra kernel parameters
+	Output      io.Writer    // serial console lines; nil discards
+	PayloadOnly bool         // forward only the payload's lines to Output
+	OnMarker    func(Marker) // called for each marker line, in order
+	OnLine      func(string) // called for each console line (markers included), in order
+	TempDir     string       // where the initramfs is written; default os.TempDir()
+	Logger      *slog.Logger // progress messages; nil discards
 }
 
 // Result describes a finished boot.
@@ -95,6 +109,8 @@ type Result struct {
 	Wall       time.Duration // total wall time of QEMU
 	ImageBytes int64         // size of the initramfs
 	Tail       []string      // last console lines (for diagnostics)
+	CPU        []string      // on a stall: L1 CPU state from the QEMU monitor, two samples
+	Nudges     int           // stalls that an NMI ended (see Options.Nudges)
 }
 
 const tailLines = 40
@@ -165,7 +181,7 @@ func BuildImage(ctx context.Context, host *Host, spec Spec) (*Image, error) {
 		mods = append(mods, InitModule{Path: p, Params: spec.ModuleParams[m.Name]})
 	}
 	env := append([]string{"KVMKIT_NESTLAB=1"}, spec.Env...)
-	initScript := InitScript(InitConfig{Modules: mods, Env: env, Workdir: spec.Workdir, Payload: GuestPayload})
+	initScript := InitScript(InitConfig{Modules: mods, Env: env, Workdir: spec.Workdir, Payload: GuestPayload, Heartbeat: spec.Heartbeat})
 	if err := im.AddFile("/init", 0o755, []byte(initScript)); err != nil {
 		return nil, err
 	}
@@ -181,6 +197,9 @@ func BuildImage(ctx context.Context, host *Host, spec Spec) (*Image, error) {
 // ctx both kill QEMU.
 func Boot(ctx context.Context, host *Host, spec Spec, opts Options) (*Result, error) {
 	opts.defaults()
+	if opts.Stall > 0 && spec.Heartbeat <= 0 {
+		spec.Heartbeat = max(opts.Stall/6, time.Second)
+	}
 	im, err := BuildImage(ctx, host, spec)
 	if err != nil {
 		return nil, err
@@ -201,7 +220,7 @@ func Boot(ctx context.Context, host *Host, spec Spec, opts Options) (*Result, er
 	if err != nil {
 		return nil, fmt.Errorf("nestlab: writing initramfs: %w", err)
 	}
-	res, err := runQEMU(ctx, host.Kernel, f.Name(), opts)
+	res, err := runQEMU(ctx, host, f.Name(), opts)
 	if res != nil {
 		res.ImageBytes = n
 	}
@@ -209,11 +228,16 @@ func Boot(ctx context.Context, host *Host, spec Spec, opts Options) (*Result, er
 }
 
 // QEMUArgs returns the QEMU command line for booting kernel with initrd.
-func QEMUArgs(opts Options, kernel, initrd string) []string {
+// With monitor set, the human monitor listens on that unix socket.
+func QEMUArgs(opts Options, kernel, initrd, monitor string) []string {
 	opts.defaults()
 	cmdline := "console=ttyS0 panic=-1 oops=panic quiet loglevel=3 mitigations=off nokaslr"
 	if opts.Cmdline != "" {
 		cmdline += " " + opts.Cmdline
+	}
+	mon := "none"
+	if monitor != "" {
+		mon = "unix:" + monitor + ",server=on,wait=off"
 	}
 	return []string{
 		"-accel", "tcg,thread=multi",
@@ -224,7 +248,7 @@ func QEMUArgs(opts Options, kernel, initrd string) []string {
 		"-nodefaults", "-no-user-config",
 		"-display", "none",
 		"-serial", "stdio",
-		"-monitor", "none",
+		"-monitor", mon,
 		"-no-reboot",
 		"-kernel", kernel,
 		"-initrd", initrd,
@@ -232,10 +256,19 @@ func QEMUArgs(opts Options, kernel, initrd string) []string {
 	}
 }
 
-func runQEMU(ctx context.Context, kernel, initrd string, opts Options) (*Result, error) {
+func runQEMU(ctx context.Context, host *Host, initrd string, opts Options) (*Result, error) {
 	tctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
-	args := QEMUArgs(opts, kernel, initrd)
+	monitor := ""
+	if opts.Stall > 0 {
+		dir, err := os.MkdirTemp(opts.TempDir, "nestlab-mon-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(dir)
+		monitor = filepath.Join(dir, "monitor.sock")
+	}
+	args := QEMUArgs(opts, host.Kernel, initrd, monitor)
 	opts.Logger.Info("booting L1", "qemu", opts.QEMU, "args", strings.Join(args, " "))
 	cmd := exec.CommandContext(tctx, opts.QEMU, args...)
 	// QEMU runs in its own process group; cancellation kills the group so
@@ -254,21 +287,54 @@ func runQEMU(ctx context.Context, kernel, initrd string, opts Options) (*Result,
 		return nil, &BootError{Kind: ErrQEMU, Reason: err.Error()}
 	}
 	res := &Result{}
-	w := &watcher{opts: opts, res: res, start: start}
+	w := &watcher{opts: opts, res: res, start: start, last: start}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		w.read(stdout)
 	}()
+	stalled := make(chan struct{})
+	sctx, scancel := context.WithCancel(tctx)
+	defer scancel()
+	stallDone := make(chan struct{})
+	if opts.Stall <= 0 {
+		close(stallDone)
+	} else {
+		go func() {
+			defer close(stallDone)
+			for nudges := 0; w.waitStall(sctx); nudges++ {
+				sample := monitorSample(monitor, host.SystemMap())
+				if nudges < opts.Nudges && w.nudge(sctx, monitor) {
+					w.print(fmt.Sprintf("nestlab: L1 was silent for %v; an NMI from the QEMU monitor woke it (nudge %d of %d)", opts.Stall, nudges+1, opts.Nudges))
+					for _, l := range sample {
+						w.print("nestlab:   | " + l)
+					}
+					res.Nudges++
+					continue
+				}
+				if sctx.Err() != nil {
+					return // the boot ended while L1 was being nudged
+				}
+				res.CPU = sample
+				close(stalled)
+				_ = cmd.Cancel()
+				return
+			}
+		}()
+	}
 	wg.Wait()
 	werr := cmd.Wait()
+	scancel()
+	<-stallDone
 	res.Wall = time.Since(start)
 	res.Tail = w.tail
 
 	switch {
 	case ctx.Err() != nil:
 		return res, &BootError{Kind: ErrCanceled, Reason: "QEMU killed: " + context.Cause(ctx).Error()}
+	case isClosed(stalled):
+		return res, &BootError{Kind: ErrStalled, Reason: fmt.Sprintf("no console output, not even the heartbeat, for %v after %v; QEMU killed", opts.Stall, w.lastLine().Sub(start).Round(time.Second))}
 	case tctx.Err() != nil:
 		return res, &BootError{Kind: ErrTimeout, Reason: fmt.Sprintf("no exit after %v; QEMU killed", opts.Timeout)}
 	case w.labErr != "":
@@ -291,13 +357,27 @@ func runQEMU(ctx context.Context, kernel, initrd string, opts Options) (*Result,
 	return res, &BootError{Kind: ErrCrashed, Reason: reason}
 }
 
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
 // watcher consumes the serial console.
 type watcher struct {
 	opts    Options
 	res     *Result
 	start   time.Time
+	mu      sync.Mutex // guards last, alive
+	last    time.Time  // when the last line arrived
+	alive   int        // ALIVE markers seen
+	outMu   sync.Mutex // serializes writes to opts.Output
 	tail    []string
-	booted  bool
+	booted  bool // guarded by mu
+	closed  bool // console ended; guarded by mu
 	started bool
 	exited  bool
 	code    int
@@ -313,17 +393,80 @@ func (w *watcher) read(r io.Reader) {
 			w.line(string(line))
 		}
 		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+			w.mu.Lock()
+			w.closed = true
+			w.mu.Unlock()
 			return
 		}
 	}
 }
 
+// lastLine returns when the last console line arrived.
+func (w *watcher) lastLine() time.Time {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.last
+}
+
+// waitStall returns true once L1 has booted and then printed nothing for
+// opts.Stall, false when ctx ends or the console closes first.
+func (w *watcher) waitStall(ctx context.Context) bool {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		}
+		w.mu.Lock()
+		booted, done, last := w.booted, w.closed, w.last
+		w.mu.Unlock()
+		if done {
+			return false
+		}
+		if booted && time.Since(last) > w.opts.Stall {
+			return true
+		}
+	}
+}
+
+// nudge sends L1 an NMI through the QEMU monitor and reports whether a
+// heartbeat arrived within opts.Stall afterwards.
+func (w *watcher) nudge(ctx context.Context, monitor string) bool {
+	w.mu.Lock()
+	before := w.alive
+	w.mu.Unlock()
+	if _, err := monitorCommand(monitor, "nmi", 5*time.Second); err != nil {
+		return false
+	}
+	woke := func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.alive > before
+	}
+	deadline := time.Now().Add(w.opts.Stall)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(200 * time.Millisecond)
+		if woke() {
+			return true
+		}
+	}
+	return woke()
+}
+
 func (w *watcher) line(raw string) {
+	w.mu.Lock()
+	w.last = time.Now()
+	w.mu.Unlock()
 	s := ansiEscape.ReplaceAllString(strings.TrimRight(raw, "\r\n"), "")
 	s = strings.ReplaceAll(s, "\r", "")
 	w.tail = append(w.tail, s)
 	if len(w.tail) > tailLines {
 		w.tail = w.tail[1:]
+	}
+	if w.opts.OnLine != nil {
+		w.opts.OnLine(s)
 	}
 	if i := strings.Index(s, "Kernel panic - not syncing"); i >= 0 {
 		w.panic = strings.TrimSpace(s[i:])
@@ -332,7 +475,9 @@ func (w *watcher) line(raw string) {
 	if isMarker {
 		switch m.Kind {
 		case MarkerBoot:
+			w.mu.Lock()
 			w.booted = true
+			w.mu.Unlock()
 			w.res.BootAt = time.Since(w.start)
 		case MarkerStart:
 			w.started = true
@@ -346,9 +491,22 @@ func (w *watcher) line(raw string) {
 			w.opts.OnMarker(m)
 		}
 	}
+	if isMarker && m.Kind == MarkerAlive {
+		w.mu.Lock()
+		w.alive++
+		w.mu.Unlock()
+		return // heartbeats only feed the stall check
+	}
 	if w.opts.PayloadOnly && (isMarker || !w.started || w.exited) {
 		return
 	}
+	w.print(s)
+}
+
+// print writes one line to opts.Output.
+func (w *watcher) print(s string) {
+	w.outMu.Lock()
+	defer w.outMu.Unlock()
 	fmt.Fprintln(w.opts.Output, s)
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -102,7 +103,7 @@ func TestRunQEMU(t *testing.T) {
 			}
 			opts.defaults()
 			start := time.Now()
-			res, err := runQEMU(context.Background(), "kernel", "initrd", opts)
+			res, err := runQEMU(context.Background(), &Host{Kernel: "kernel"}, "initrd", opts)
 			assert.Less(t, time.Since(start), 10*time.Second, "must not hang")
 			require.NotNil(t, res)
 			assert.Equal(t, tt.wantMarkers, markers)
@@ -130,7 +131,7 @@ func TestRunQEMUCanceled(t *testing.T) {
 	opts := Options{QEMU: fakeQEMU(t, `echo NESTLAB-BOOT uptime=1; sleep 30`)}
 	opts.defaults()
 	opts.OnMarker = func(Marker) { cancel() }
-	res, err := runQEMU(ctx, "k", "i", opts)
+	res, err := runQEMU(ctx, &Host{Kernel: "k"}, "i", opts)
 	require.ErrorIs(t, err, ErrCanceled)
 	assert.Equal(t, ExitSignal, ExitStatus(err))
 	assert.Less(t, res.Wall, 10*time.Second)
@@ -142,14 +143,14 @@ func TestRunQEMULongLine(t *testing.T) {
 	var out bytes.Buffer
 	opts := Options{QEMU: fakeQEMU(t, `head -c 300000 /dev/zero | tr '\0' x; printf '\nNESTLAB-EXIT=0\n'`), Output: &out}
 	opts.defaults()
-	res, err := runQEMU(context.Background(), "k", "i", opts)
+	res, err := runQEMU(context.Background(), &Host{Kernel: "k"}, "i", opts)
 	require.NoError(t, err)
 	assert.Equal(t, 0, res.ExitCode)
 	assert.Equal(t, 300000, strings.Count(out.String(), "x"))
 }
 
 func TestQEMUArgs(t *testing.T) {
-	args := QEMUArgs(Options{Mem: "2G", CPUs: 4, Cmdline: "foo=1"}, "/boot/k", "/tmp/i")
+	args := QEMUArgs(Options{Mem: "2G", CPUs: 4, Cmdline: "foo=1"}, "/boot/k", "/tmp/i", "")
 	s := strings.Join(args, " ")
 	for _, want := range []string{"-accel tcg,thread=multi", "-cpu max", "-smp 4", "-m 2G", "-no-reboot", "-kernel /boot/k", "-initrd /tmp/i", "-serial stdio"} {
 		assert.Contains(t, s, want)
@@ -164,4 +165,81 @@ func TestExitStatus(t *testing.T) {
 	assert.Equal(t, 0, ExitStatus(nil))
 	assert.Equal(t, ExitCrashed, ExitStatus(errors.New("other")))
 	assert.Equal(t, ExitTimeout, ExitStatus(&BootError{Kind: ErrTimeout}))
+}
+
+func TestRunQEMUStall(t *testing.T) {
+	tests := []struct {
+		name    string
+		body    string
+		wantErr error
+		wantOut string
+	}{
+		{
+			name:    "silent after boot is a stall",
+			body:    `printf 'NESTLAB-BOOT uptime=1\nNESTLAB-START\nrunning\n'; sleep 30`,
+			wantErr: ErrStalled,
+			wantOut: "running\n",
+		},
+		{
+			name:    "heartbeats keep a quiet payload alive and stay off the output",
+			body:    `printf 'NESTLAB-BOOT uptime=1\nNESTLAB-START\n'; for i in 1 2 3 4 5 6; do sleep 0.5; echo NESTLAB-ALIVE uptime=$i; done; printf 'done\nNESTLAB-EXIT=0\n'`,
+			wantOut: "done\n",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out bytes.Buffer
+			opts := Options{QEMU: fakeQEMU(t, tt.body), Output: &out, PayloadOnly: true, Stall: 2 * time.Second}
+			opts.defaults()
+			res, err := runQEMU(context.Background(), &Host{Kernel: "k"}, "i", opts)
+			require.NotNil(t, res)
+			assert.Equal(t, tt.wantOut, out.String())
+			if tt.wantErr == nil {
+				require.NoError(t, err)
+				assert.Empty(t, res.CPU)
+				return
+			}
+			require.ErrorIs(t, err, tt.wantErr)
+			assert.Equal(t, ExitTimeout, ExitStatus(err))
+			assert.Contains(t, err.Error(), "no console output")
+			assert.Less(t, res.Wall, 20*time.Second)
+			// The fake QEMU serves no monitor: every sample says so.
+			require.Len(t, res.CPU, 3)
+			assert.Contains(t, res.CPU[0], "QEMU monitor:")
+		})
+	}
+}
+
+func TestRunQEMUNudge(t *testing.T) {
+	tests := []struct {
+		mode       string
+		nudges     int
+		wantErr    error
+		wantNudges int
+		wantOut    string
+	}{
+		{mode: "wakes", nudges: 1, wantNudges: 1, wantOut: "after the nudge\n"},
+		{mode: "wakes", nudges: 0, wantErr: ErrStalled},
+		{mode: "dead", nudges: 2, wantErr: ErrStalled},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%s/nudges=%d", tt.mode, tt.nudges), func(t *testing.T) {
+			var out bytes.Buffer
+			opts := Options{QEMU: fakeQEMUBinary(t, tt.mode), Output: &out, PayloadOnly: true, Stall: time.Second, Nudges: tt.nudges}
+			opts.defaults()
+			res, err := runQEMU(context.Background(), &Host{Kernel: "k"}, "i", opts)
+			require.NotNil(t, res)
+			assert.Equal(t, tt.wantNudges, res.Nudges)
+			if tt.wantErr != nil {
+				require.ErrorIs(t, err, tt.wantErr)
+				require.NotEmpty(t, res.CPU)
+				assert.Contains(t, res.CPU[1], "RIP=ffffffff81a17a0b", "registers read from the monitor")
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, 0, res.ExitCode)
+			assert.Contains(t, out.String(), "an NMI from the QEMU monitor woke it")
+			assert.Contains(t, out.String(), tt.wantOut)
+		})
+	}
 }

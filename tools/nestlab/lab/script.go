@@ -5,6 +5,7 @@ import (
 	"path"
 	"sort"
 	"strings"
+	"time"
 )
 
 // Guest paths used inside the L1 initramfs.
@@ -25,12 +26,15 @@ type InitConfig struct {
 	Env     []string     // K=V exported to the payload
 	Workdir string       // payload working directory ("/" if empty)
 	Payload string       // guest path of the payload script, run with sh
+	// Heartbeat, when positive, makes /init print an ALIVE marker this
+	// often (whole seconds) while the payload runs.
+	Heartbeat time.Duration
 }
 
 // InitScript returns the L1 /init shell script: it mounts proc, sys,
 // devtmpfs and /tmp, prints NESTLAB-BOOT, loads the modules, checks
-// /dev/kvm, brings up lo, prints NESTLAB-START, runs the payload with
-// stdin from /dev/null, prints NESTLAB-EXIT=<status> and powers off.
+// /dev/kvm, brings up lo, prints NESTLAB-START, starts the heartbeat (if
+// any), runs the payload with stdin from /dev/null, prints NESTLAB-EXIT=<status> and powers off.
 func InitScript(c InitConfig) string {
 	var b strings.Builder
 	wd := c.Workdir
@@ -71,8 +75,17 @@ labfail() {
 		fmt.Fprintf(&b, "export %s=%s\n", k, ShellQuote(v))
 	}
 	fmt.Fprintf(&b, "echo \"%sSTART uptime=$(cut -d' ' -f1 /proc/uptime)\"\n", markerPrefix)
+	if c.Heartbeat > 0 {
+		// The heartbeat tells the host that L1 itself still runs (its
+		// scheduler, timers and console), whatever the payload does.
+		fmt.Fprintf(&b, "(while sleep %d; do echo \"%sALIVE uptime=$(cut -d' ' -f1 /proc/uptime)\"; done) </dev/null &\nhb=$!\n",
+			int(c.Heartbeat.Round(time.Second)/time.Second), markerPrefix)
+	}
 	fmt.Fprintf(&b, "(cd %s && exec sh %s) </dev/null\n", ShellQuote(wd), ShellQuote(c.Payload))
 	b.WriteString("rc=$?\n")
+	if c.Heartbeat > 0 {
+		b.WriteString("kill $hb 2>/dev/null\n")
+	}
 	fmt.Fprintf(&b, "echo \"%sEXIT=$rc\"\n", markerPrefix)
 	// Give the UART a moment to drain before the power goes.
 	b.WriteString("sleep 0.2 2>/dev/null || sleep 1\npoweroff -f\n")
