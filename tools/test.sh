@@ -60,7 +60,7 @@ elif [[ "${KVMKIT_SKIP_LAB:-}" == 1 ]]; then
 else
 	step "KVM tests in the nested lab (no /dev/kvm on this host)"
 	# Two L1 boots keep each one short. When L1 itself hangs, stalls (its
-	# console and heartbeat silent for 3 minutes) or dies, nestlab boots a
+	# console and heartbeat silent for 2 minutes) or dies, nestlab boots a
 	# fresh one and goes on with the unfinished tests (--resume: QEMU's
 	# software emulation of nested SVM is not perfectly stable). When tests
 	# fail (status 1), exactly those top-level tests run once more in a
@@ -70,7 +70,7 @@ else
 	nestlab="$(mktemp -d)/nestlab"
 	go build -o "$nestlab" ./tools/nestlab # go run would turn every status into 1
 	boot() {
-		"$nestlab" gotest --testkernel --timeout 25m --pkgtimeout 12m --stall 3m --resume 3 "$@"
+		"$nestlab" gotest --testkernel --timeout 25m --pkgtimeout 12m --stall 2m --resume 3 "$@"
 	}
 	lab() {
 		local log rc=0

@@ -64,6 +64,7 @@ type common struct {
 	cmdline    string
 	stall      time.Duration
 	nudges     int
+	tcgThread  string
 }
 
 func (c *common) register(fs *flag.FlagSet) {
@@ -71,13 +72,14 @@ func (c *common) register(fs *flag.FlagSet) {
 	fs.IntVar(&c.cpus, "cpus", 1, "L1 CPUs (more than one has wedged L1 under QEMU TCG when VMs are created and destroyed quickly)")
 	fs.DurationVar(&c.timeout, "timeout", 20*time.Minute, "kill L1 after this long")
 	fs.DurationVar(&c.stall, "stall", 3*time.Minute, "kill L1 when its console, heartbeat included, is silent this long (0: never); the L1 CPU registers are printed first")
-	fs.IntVar(&c.nudges, "nudges", 3, "before killing a stalled L1, send it an NMI (QEMU monitor) up to this many times per boot and go on when its heartbeat returns")
+	fs.IntVar(&c.nudges, "nudges", 0, "before killing a stalled L1, send it an NMI (QEMU monitor) up to this many times per boot and go on when its heartbeat returns (it has not woken one yet)")
 	fs.Var(&c.files, "file", "HOST:GUESTPATH to pack into L1 (file or directory; repeatable)")
 	fs.Var(&c.env, "env", "K=V exported to the payload (repeatable)")
 	fs.BoolVar(&c.testkernel, "testkernel", false, "build or reuse tools/testkernel and pack it at "+TestKernelGuestDir)
 	fs.BoolVar(&c.verbose, "v", false, "log lab progress")
 	fs.StringVar(&c.qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
 	fs.StringVar(&c.machine, "machine", "pc", "QEMU machine type")
+	fs.StringVar(&c.tcgThread, "tcg-thread", "multi", "QEMU TCG threading: multi or single")
 	fs.StringVar(&c.kvmAMD, "kvm-amd-params", "", "parameters for insmod kvm-amd.ko (e.g. nested=0)")
 	fs.StringVar(&c.cmdline, "append", "", "extra L1 kernel parameters")
 }
@@ -150,6 +152,9 @@ func (a *app) parse(name string, args []string, c *common, extra func(*flag.Flag
 	}
 	if err := fs.Parse(args); err != nil {
 		return nil, usageError{err.Error()}
+	}
+	if c.tcgThread != "multi" && c.tcgThread != "single" {
+		return nil, usageError{fmt.Sprintf("--tcg-thread %q: want multi or single", c.tcgThread)}
 	}
 	level := slog.LevelWarn
 	if c.verbose {
@@ -225,7 +230,7 @@ func (a *app) testKernel(ctx context.Context) (string, error) {
 
 func (a *app) options(c *common) lab.Options {
 	return lab.Options{
-		QEMU: c.qemu, Mem: c.mem, CPUs: c.cpus, Machine: c.machine,
+		QEMU: c.qemu, Mem: c.mem, CPUs: c.cpus, Machine: c.machine, TCGThread: c.tcgThread,
 		Timeout: c.timeout, Stall: c.stall, Nudges: c.nudges, Cmdline: c.cmdline, Output: a.stdout, Logger: a.log,
 	}
 }

@@ -81,6 +81,7 @@ func TestRunUsage(t *testing.T) {
 		{[]string{"bogus"}, 2, `unknown command "bogus"`},
 		{[]string{"run"}, 2, "missing command"},
 		{[]string{"run", "--nope"}, 2, "flag provided but not defined"},
+		{[]string{"run", "--tcg-thread", "both", "--", "true"}, 2, "want multi or single"},
 		{[]string{"gotest"}, 2, "no packages"},
 		{[]string{"selftest", "extra"}, 2, "takes no arguments"},
 		{[]string{"exec"}, 2, "missing BINARY"},
