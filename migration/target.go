@@ -88,6 +88,26 @@ type receiver struct {
 	rw       *recordWriter
 	prepared bool
 	writeErr bool
+	gcHeld   bool // this receiver holds the collector (gcHolds)
+}
+
+// holdGC keeps the collector off for the switch-over (unless KeepGC).
+// debug.SetGCPercent(-1) first waits for a collection already marking to
+// finish; the target's heap is small (guest memory is mapped, not Go
+// heap), so that wait is short.
+func (r *receiver) holdGC() {
+	if !r.opts.KeepGC && !r.gcHeld {
+		gcHolds.hold()
+		r.gcHeld = true
+	}
+}
+
+// releaseGC gives the collector back; it is idempotent.
+func (r *receiver) releaseGC() {
+	if r.gcHeld {
+		r.gcHeld = false
+		gcHolds.release()
+	}
 }
 
 // next reads the next record within IdleTimeout (or d if set).
@@ -162,11 +182,7 @@ func (r *receiver) run(parent context.Context) (ReceiveStats, error) {
 		tPaused time.Time
 		last    RecordType
 	)
-	defer func() {
-		if !tPaused.IsZero() && !r.opts.KeepGC {
-			gcHolds.release()
-		}
-	}()
+	defer r.releaseGC()
 	for {
 		off := r.rr.off
 		t, p, err := r.next(ctx, r.opts.IdleTimeout)
@@ -205,9 +221,7 @@ func (r *receiver) run(parent context.Context) (ReceiveStats, error) {
 				return bad("source paused twice")
 			}
 			tPaused = time.Now()
-			if !r.opts.KeepGC {
-				gcHolds.hold()
-			}
+			r.holdGC()
 		case RecState:
 			if state != nil || tPaused.IsZero() {
 				return bad("state must come once, after Paused")
@@ -279,6 +293,7 @@ func (r *receiver) complete(ctx context.Context, state []byte, tPaused time.Time
 		// not run here too.
 		return r.fail(ctx, fmt.Errorf("send ack: %w", err))
 	}
+	r.releaseGC() // the downtime is over here; the source's Done may take a while
 	r.stats.Total = time.Since(r.start)
 	r.stats.BytesReceived = r.in.n
 	if err := r.tgt.Announce(); err != nil {
