@@ -137,9 +137,6 @@ func (s *State) Encode(w io.Writer) error {
 	return err
 }
 
-// castagnoli is the CRC32C table (crc32.MakeTable caches it).
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // Bytes returns the encoded state.
 func (s *State) Bytes() ([]byte, error) {
 	b := make([]byte, 16, 16+len(s.VCPUs)*16<<10+4<<10)
@@ -154,7 +151,7 @@ func (s *State) Bytes() ([]byte, error) {
 		return nil, fmt.Errorf("encode machine state: %d bytes above the limit of %d", n, maxStateSize)
 	}
 	binary.LittleEndian.PutUint32(b[12:], uint32(n))
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b[16:], castagnoli)), nil
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b[16:], crc32.MakeTable(crc32.Castagnoli))), nil
 }
 
 // StateError reports a malformed encoded state.
@@ -185,7 +182,7 @@ func DecodeState(r io.Reader) (*State, error) {
 		return nil, &StateError{Reason: fmt.Sprintf("payload: %v", err)}
 	}
 	want := binary.LittleEndian.Uint32(payload[n:])
-	if got := crc32.Checksum(payload[:n], castagnoli); got != want {
+	if got := crc32.Checksum(payload[:n], crc32.MakeTable(crc32.Castagnoli)); got != want {
 		return nil, &StateError{Reason: fmt.Sprintf("checksum %#x, want %#x", got, want)}
 	}
 	if version == StateVersion {

@@ -21,8 +21,6 @@ const (
 	maxStateNameLen   = 255
 )
 
-var le = binary.LittleEndian
-
 // abiStruct lists the fixed-size KVM ABI structures the state holds.
 // Their Go layout is the kernel's (package kvm passes them to ioctls as
 // they are, with every padding field explicit), so their encoding is
@@ -52,7 +50,7 @@ func abiBytes[T abiStruct](v *T) []byte {
 //	  PITState2, ClockData
 //	u32 nDevices, then per device (by name): u8 len, name, u32 len, data
 func (s *State) appendBinary(b []byte) ([]byte, error) {
-	u32 := func(v uint32) { b = le.AppendUint32(b, v) }
+	u32 := func(v uint32) { b = binary.LittleEndian.AppendUint32(b, v) }
 	u8 := func(v bool) {
 		if v {
 			b = append(b, 1)
@@ -150,7 +148,7 @@ func (r *stateReader) u32(what string) uint32 {
 	if p == nil {
 		return 0
 	}
-	return le.Uint32(p)
+	return binary.LittleEndian.Uint32(p)
 }
 
 func (r *stateReader) count(what string, max int) int {

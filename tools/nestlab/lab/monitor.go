@@ -53,7 +53,7 @@ func monitorSample(socket, systemMap string) []string {
 	} else {
 		out = append(out, "lapic:")
 		for _, l := range strings.Split(text, "\n") {
-			if l = strings.TrimRight(l, "\r "); l != "" && l != "info lapic" {
+			if l = strings.TrimRight(l, "\r "); l != "" {
 				out = append(out, "  "+l)
 			}
 		}
@@ -83,6 +83,10 @@ func monitorCommand(socket, cmd string, timeout time.Duration) (string, error) {
 	text, err := readUntil(r, prompt)
 	if err != nil {
 		return text, fmt.Errorf("%q: %w", cmd, err)
+	}
+	// The monitor echoes the command first, with line-editing escapes.
+	if _, rest, ok := strings.Cut(text, "\n"); ok {
+		text = rest
 	}
 	return text, nil
 }
