@@ -359,3 +359,61 @@ func TestCloseIsIdempotent(t *testing.T) {
 	require.NoError(t, err, "a second Close closed a reused descriptor")
 	assert.Equal(t, kvm.APIVersion, v)
 }
+
+// BenchmarkVMCreate splits what building a VM costs (it dominates a
+// snapshot restore): the VM itself, the in-kernel irqchip and PIT, one
+// vCPU with the supported CPUID (each of these three timed from create to
+// close), and the readable-MSR probe alone.
+func BenchmarkVMCreate(b *testing.B) {
+	sys := openKVM(b)
+	cpuid, err := sys.SupportedCPUID()
+	require.NoError(b, err)
+	build := func(b *testing.B, irqchip, vcpu bool) (*kvm.VM, *kvm.VCPU) {
+		vm, err := sys.CreateVM(kvm.VMOptions{})
+		require.NoError(b, err)
+		if irqchip {
+			require.NoError(b, vm.SetTSSAddr(0xfffbd000))
+			require.NoError(b, vm.CreateIRQChip())
+			require.NoError(b, vm.CreatePIT2(kvm.PITSpeakerDummy))
+		}
+		var c *kvm.VCPU
+		if vcpu {
+			c, err = vm.CreateVCPU(0)
+			require.NoError(b, err)
+			require.NoError(b, c.SetCPUID(cpuid))
+		}
+		return vm, c
+	}
+	closeAll := func(vm *kvm.VM, c *kvm.VCPU) {
+		if c != nil {
+			c.Close()
+		}
+		vm.Close()
+	}
+	b.Run("vm", func(b *testing.B) {
+		for b.Loop() {
+			closeAll(build(b, false, false))
+		}
+	})
+	b.Run("vm+irqchip+pit", func(b *testing.B) {
+		for b.Loop() {
+			closeAll(build(b, true, false))
+		}
+	})
+	b.Run("vm+irqchip+pit+vcpu", func(b *testing.B) {
+		for b.Loop() {
+			closeAll(build(b, true, true))
+		}
+	})
+	b.Run("probe-msrs", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			b.StopTimer()
+			vm, c := build(b, true, true)
+			b.StartTimer()
+			require.NoError(b, c.ProbeMSRs())
+			b.StopTimer()
+			closeAll(vm, c)
+			b.StartTimer()
+		}
+	})
+}
