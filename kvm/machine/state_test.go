@@ -176,9 +176,21 @@ func TestStateDecodeRejects(t *testing.T) {
 	}
 }
 
-func TestStateEncodeRejectsLongDeviceName(t *testing.T) {
-	_, err := (&State{Devices: map[string][]byte{strings.Repeat("x", 256): nil}}).Bytes()
-	assert.ErrorContains(t, err, "longer than 255")
+func TestStateEncodeRejects(t *testing.T) {
+	tests := []struct {
+		name string
+		s    *State
+		want string
+	}{
+		{"long device name", &State{Devices: map[string][]byte{strings.Repeat("x", 256): nil}}, "longer than 255"},
+		{"too many vCPUs", &State{VCPUs: make([]kvm.VCPUState, maxStateVCPUs+1)}, "vCPUs, at most"},
+		{"too many MSRs", &State{VCPUs: []kvm.VCPUState{{MSRs: make([]kvm.MSREntry, maxStateMSRs+1)}}}, "MSRs, at most"},
+		{"too many CPUID entries", &State{VCPUs: []kvm.VCPUState{{CPUID: make([]kvm.CPUIDEntry, maxStateCPUID+1)}}}, "CPUID entries, at most"},
+	}
+	for _, tt := range tests {
+		_, err := tt.s.Bytes()
+		assert.ErrorContains(t, err, tt.want, tt.name)
+	}
 }
 
 // BenchmarkStateEncode and BenchmarkStateDecode measure the codec alone

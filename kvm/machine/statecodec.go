@@ -58,6 +58,23 @@ func (s *State) appendBinary(b []byte) ([]byte, error) {
 			b = append(b, 0)
 		}
 	}
+	if len(s.VCPUs) > maxStateVCPUs {
+		return nil, fmt.Errorf("encode machine state: %d vCPUs, at most %d", len(s.VCPUs), maxStateVCPUs)
+	}
+	for i := range s.VCPUs {
+		c := &s.VCPUs[i]
+		for _, n := range []struct {
+			what     string
+			got, max int
+		}{{"CPUID entries", len(c.CPUID), maxStateCPUID}, {"MSRs", len(c.MSRs), maxStateMSRs}, {"XSAVE extra bytes", len(c.XSave.Extra), maxStateXSaveXtra}} {
+			if n.got > n.max {
+				return nil, fmt.Errorf("encode machine state: vCPU %d has %d %s, at most %d", i, n.got, n.what, n.max)
+			}
+		}
+	}
+	if len(s.Devices) > maxStateDevices {
+		return nil, fmt.Errorf("encode machine state: %d devices, at most %d", len(s.Devices), maxStateDevices)
+	}
 	u32(uint32(len(s.VCPUs)))
 	for i := range s.VCPUs {
 		c := &s.VCPUs[i]
