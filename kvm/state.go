@@ -20,8 +20,6 @@ type VCPUState struct {
 	TSCKHz    uint32
 }
 
-// msrProbe filters the MSR index list down to the MSRs this vCPU can read,
-// one at a time (KVM_GET_MSRS stops at the first failure).
 // ProbeMSRs finds which of the host's MSRs this VM's vCPUs can read and
 // caches the list on the VM for SaveState. Call it once the CPUID is set
 // and before the vCPU runs (a vCPU ioctl waits for a running KVM_RUN), so
@@ -32,6 +30,9 @@ func (c *VCPU) ProbeMSRs() error {
 	return err
 }
 
+// readableMSRs returns the VM's cached list of MSRs its vCPUs can read,
+// filtering the host's MSR index list down to it on the first call
+// (KVM_GET_MSRS stops at the first MSR it cannot read).
 func (c *VCPU) readableMSRs() ([]uint32, error) {
 	c.vm.mu.Lock()
 	cached := c.vm.readable

@@ -308,7 +308,7 @@ func runQEMU(ctx context.Context, host *Host, initrd string, opts Options) (*Res
 		defer wg.Done()
 		w.read(stdout)
 	}()
-	stalled := make(chan struct{})
+	stalled := false // set by the stall watcher, read after stallDone
 	sctx, scancel := context.WithCancel(tctx)
 	defer scancel()
 	stallDone := make(chan struct{})
@@ -331,7 +331,7 @@ func runQEMU(ctx context.Context, host *Host, initrd string, opts Options) (*Res
 					return // the boot ended while L1 was being nudged
 				}
 				res.CPU = sample
-				close(stalled)
+				stalled = true
 				_ = cmd.Cancel()
 				return
 			}
@@ -347,7 +347,7 @@ func runQEMU(ctx context.Context, host *Host, initrd string, opts Options) (*Res
 	switch {
 	case ctx.Err() != nil:
 		return res, &BootError{Kind: ErrCanceled, Reason: "QEMU killed: " + context.Cause(ctx).Error()}
-	case isClosed(stalled):
+	case stalled:
 		return res, &BootError{Kind: ErrStalled, Reason: fmt.Sprintf("no console output, not even the heartbeat, for %v after %v; QEMU killed", opts.Stall, w.lastLine().Sub(start).Round(time.Second))}
 	case tctx.Err() != nil:
 		return res, &BootError{Kind: ErrTimeout, Reason: fmt.Sprintf("no exit after %v; QEMU killed", opts.Timeout)}
@@ -369,15 +369,6 @@ func runQEMU(ctx context.Context, host *Host, initrd string, opts Options) (*Res
 		reason += ": " + s
 	}
 	return res, &BootError{Kind: ErrCrashed, Reason: reason}
-}
-
-func isClosed(c chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
-	}
 }
 
 // watcher consumes the serial console.
