@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -219,6 +220,68 @@ func (m *Memory) copy(p []byte, gpa int64, write bool) (int, error) {
 		addr += uint64(n)
 	}
 	return done, nil
+}
+
+// MoveFrom makes src's pages the contents of m without copying them: each
+// of src's host mappings is moved (mremap) onto the host range of m's region
+// with the same guest-physical address and size. m's host addresses do not
+// change, so KVM memory slots registered on them see src's pages from then
+// on (KVM follows changes to a slot's host mapping through its MMU
+// notifiers). m's old pages and memfds are released, m takes over src's
+// memfds, and src is left empty. The layouts must be equal; call it while
+// no vCPU runs. kvm/machine uses it to run a snapshot's lazily mapped file
+// in a VM built ahead of need.
+//
+// On an error naming a region after the first, the earlier regions have
+// moved already: close both.
+func (m *Memory) MoveFrom(src *Memory) error {
+	if len(src.regions) != len(m.regions) {
+		return fmt.Errorf("move memory: %d regions into %d", len(src.regions), len(m.regions))
+	}
+	for i := range m.regions {
+		d, s := &m.regions[i], &src.regions[i]
+		if d.GPA != s.GPA || len(d.Host) != len(s.Host) {
+			return fmt.Errorf("move memory: region %d is [%#x,+%#x), the source's [%#x,+%#x)", i, d.GPA, len(d.Host), s.GPA, len(s.Host))
+		}
+	}
+	for i := range m.regions {
+		d, s := &m.regions[i], &src.regions[i]
+		if len(d.Host) == 0 {
+			continue
+		}
+		old := unsafe.Pointer(&s.Host[0])
+		if _, err := unix.MremapPtr(old, uintptr(len(s.Host)), unsafe.Pointer(&d.Host[0]), uintptr(len(d.Host)),
+			unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED); err != nil {
+			return fmt.Errorf("move memory: region %d at %#x: mremap: %w", i, d.GPA, err)
+		}
+		if d.FD >= 0 {
+			unix.Close(d.FD)
+		}
+		d.FD, s.FD = s.FD, -1
+		forgetMapping(s.Host)
+		s.Host = nil
+	}
+	src.regions = nil
+	return nil
+}
+
+// forgetMapping drops x/sys/unix's record of a mapping that mremap moved
+// away (its Munmap refuses addresses it did not map, and keeps a record
+// per mapping): it maps a placeholder where the mapping was, unless
+// something else has been mapped there meanwhile, and unmaps it through
+// unix.Munmap. When the place is taken the record is left, which costs a
+// few bytes and nothing else.
+func forgetMapping(b []byte) {
+	p, err := unix.MmapPtr(-1, 0, unsafe.Pointer(&b[0]), uintptr(len(b)), unix.PROT_NONE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE|unix.MAP_FIXED_NOREPLACE)
+	if err != nil {
+		return
+	}
+	if p != unsafe.Pointer(&b[0]) { // a kernel older than 4.17 ignores NOREPLACE's meaning
+		_ = unix.MunmapPtr(p, uintptr(len(b)))
+		return
+	}
+	_ = unix.Munmap(b)
 }
 
 // Close unmaps all regions and closes their memfds.

@@ -1,11 +1,13 @@
 package kvm
 
 import (
+	"bytes"
 	"errors"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 func TestMemoryBounds(t *testing.T) {
@@ -107,4 +109,54 @@ func FuzzMemoryAccess(f *testing.F) {
 			t.Fatalf("slice len %d, want %d", len(s), sn)
 		}
 	})
+}
+
+func TestMemoryMoveFrom(t *testing.T) {
+	specs := []RegionSpec{{GPA: 0, Size: 4 * PageSize}, {GPA: 1 << 20, Size: 2 * PageSize}}
+	fill := func(m *Memory, b byte) {
+		for _, r := range m.Regions() {
+			for i := range r.Host {
+				r.Host[i] = b
+			}
+		}
+	}
+	for _, memfd := range []bool{false, true} {
+		dst, err := NewMemory(specs, MemoryOptions{Memfd: true})
+		require.NoError(t, err)
+		fill(dst, 0xAA)
+		src, err := NewMemory(specs, MemoryOptions{Memfd: memfd})
+		require.NoError(t, err)
+		fill(src, 0x55)
+		before := dst.Regions()[1].Host
+		srcHost, srcFD := src.Regions()[1].Host, src.Regions()[1].FD
+
+		require.NoError(t, dst.MoveFrom(src))
+		after := dst.Regions()[1].Host
+		assert.Equal(t, &before[0], &after[0], "memfd=%v: the host address stays", memfd)
+		for _, r := range dst.Regions() {
+			assert.Equal(t, bytes.Repeat([]byte{0x55}, len(r.Host)), r.Host, "memfd=%v: region %#x holds the source's pages", memfd, r.GPA)
+		}
+		assert.Equal(t, srcFD, dst.Regions()[1].FD, "memfd=%v: the source's memfd is taken over", memfd)
+		assert.Empty(t, src.Regions())
+		assert.ErrorIs(t, unix.Munmap(srcHost), unix.EINVAL, "memfd=%v: the moved mapping is no longer recorded", memfd)
+		require.NoError(t, src.Close())
+		require.NoError(t, dst.Close())
+	}
+}
+
+func TestMemoryMoveFromRejectsOtherLayouts(t *testing.T) {
+	dst, err := NewMemory([]RegionSpec{{GPA: 0, Size: 2 * PageSize}}, MemoryOptions{})
+	require.NoError(t, err)
+	defer dst.Close()
+	for name, specs := range map[string][]RegionSpec{
+		"size":    {{GPA: 0, Size: PageSize}},
+		"address": {{GPA: PageSize, Size: 2 * PageSize}},
+		"count":   {{GPA: 0, Size: 2 * PageSize}, {GPA: 1 << 20, Size: PageSize}},
+	} {
+		src, err := NewMemory(specs, MemoryOptions{})
+		require.NoError(t, err)
+		assert.Error(t, dst.MoveFrom(src), name)
+		assert.Len(t, src.Regions(), len(specs), "%s: the source keeps its memory", name)
+		require.NoError(t, src.Close())
+	}
 }

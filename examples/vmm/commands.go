@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -279,6 +281,10 @@ the source's.`,
 				return runJailed(cmd.Context(), env, &f)
 			}
 			ctx := cmd.Context()
+			// Build the VM while waiting: an incoming VM of the shape the
+			// flags give (--mem, --cpus, --no-irqchip) starts in it.
+			pool := standbyPool(&f)
+			defer pool.Close()
 			ln, err := net.Listen("tcp", listen)
 			if err != nil {
 				return &exitError{code: exitFailure, msg: err.Error()}
@@ -293,11 +299,12 @@ the source's.`,
 			}
 			defer conn.Close()
 			tgt := targetFor(ctx, env, &f)
+			tgt.Base.Pool = pool
 			st, err := migration.Receive(ctx, conn, tgt, migration.ReceiveOptions{})
 			if err != nil {
 				return &exitError{code: exitFailure, msg: "receive: " + err.Error()}
 			}
-			fmt.Fprintf(env.stderr, "vmm: received a VM: downtime %.1f ms (target side), %d rounds\n", float64(st.Downtime)/1e6, st.Rounds)
+			fmt.Fprintf(env.stderr, "vmm: received a VM: downtime %.1f ms (target side), %d rounds%s\n", float64(st.Downtime)/1e6, st.Rounds, builtAhead(tgt.M))
 			defer tgt.M.Close()
 			res, err := waitServing(ctx, &f, tgt.M)
 			return resultError(ctx, res, err)
@@ -311,10 +318,19 @@ the source's.`,
 func newRestoreCmd(env *cliEnv) *cobra.Command {
 	var f runFlags
 	var from string
+	var standby bool
 	cmd := &cobra.Command{
-		Use:   "restore --from DIR [run flags]",
+		Use:   "restore --from DIR [--standby] [run flags]",
 		Short: "Restore a snapshot and run it as `vmm run` would",
-		Args:  cobra.NoArgs,
+		Long: `Restore the snapshot in --from and run it with COM1 on standard output,
+the exit code from the exit port, and --control if given. Device flags must
+match the snapshot's.
+
+With --standby, vmm first builds a VM of the shape the flags give (--mem,
+--cpus, --no-irqchip), prints "vmm: standby", and restores only on SIGUSR1,
+reading the snapshot then: a standby host keeps a failed guest's last
+checkpoint a few milliseconds away from running again.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if from == "" {
 				return &usageError{errors.New("--from DIR is required")}
@@ -323,24 +339,74 @@ func newRestoreCmd(env *cliEnv) *cobra.Command {
 				return &usageError{err}
 			}
 			ctx := cmd.Context()
+			tgt := targetFor(ctx, env, &f)
+			if standby {
+				pool := standbyPool(&f)
+				defer pool.Close()
+				if err := waitStandby(ctx, env, pool); err != nil {
+					return resultError(ctx, kvm.Result{}, err)
+				}
+				tgt.Base.Pool = pool
+			}
+			t0 := time.Now()
 			snap, err := migration.LoadSnapshot(from)
 			if err != nil {
 				return &exitError{code: exitFailure, msg: err.Error()}
 			}
-			tgt := targetFor(ctx, env, &f)
-			rs, err := migration.Restore(ctx, snap, tgt)
-			if err != nil {
+			if _, err := migration.Restore(ctx, snap, tgt); err != nil {
 				return &exitError{code: exitFailure, msg: "restore: " + err.Error()}
 			}
+			took := time.Since(t0)
 			defer tgt.M.Close()
-			fmt.Fprintf(env.stderr, "vmm: restored %s in %.2f ms\n", from, float64(rs.Total)/1e6)
+			fmt.Fprintf(env.stderr, "vmm: restored %s in %.2f ms%s\n", from, float64(took)/1e6, builtAhead(tgt.M))
 			res, err := waitServing(ctx, &f, tgt.M)
 			return resultError(ctx, res, err)
 		},
 	}
 	f.register(cmd)
 	cmd.Flags().StringVar(&from, "from", "", "snapshot directory")
+	cmd.Flags().BoolVar(&standby, "standby", false, "build the VM first, then restore on SIGUSR1")
 	return cmd
+}
+
+// standbyPool starts building, in the background, one VM of the shape f
+// gives, for a VM that arrives later (a migration, a snapshot). A VM of
+// another shape is built when it arrives. Close the pool when done.
+func standbyPool(f *runFlags) *machine.Pool {
+	p, err := machine.NewPool(machine.Config{MemSize: f.memSize(), CPUs: f.cpus, NoIRQChip: f.noIRQ}, machine.PoolOptions{Size: 1, NoRefill: true})
+	if err != nil {
+		// A shape machine.New refuses: the arriving VM's own build
+		// reports it.
+		return nil
+	}
+	return p
+}
+
+// waitStandby waits for the pool's VM, says so, then waits for SIGUSR1.
+func waitStandby(ctx context.Context, env *cliEnv, pool *machine.Pool) error {
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
+	if pool != nil {
+		if err := pool.Wait(ctx, 1); err != nil {
+			return fmt.Errorf("standby: building the VM: %w", err)
+		}
+	}
+	fmt.Fprintf(env.stderr, "vmm: standby (pid %d): the VM is built; send SIGUSR1 to restore\n", os.Getpid())
+	select {
+	case <-usr1:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// builtAhead notes a machine that started in a VM built ahead of need.
+func builtAhead(m *machine.Machine) string {
+	if m.FromShell() {
+		return " (in the VM built while waiting)"
+	}
+	return ""
 }
 
 // announceNICs tells the network where a migrated guest's NICs are now.

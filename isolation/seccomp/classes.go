@@ -80,6 +80,8 @@ var classExtra = map[Class][]string{
 		"epoll_create1", "epoll_ctl", "eventfd2", "pipe2",
 		"prlimit64", "sched_getaffinity", "getdents64", "wait4", "waitid",
 		"kill",
+		"mremap",      // kvm.Memory.MoveFrom: restoring into a pre-built VM
+		"setpriority", // machine.Pool renices the thread that builds VMs
 	},
 }
 

@@ -2,7 +2,9 @@
 // memory, vCPUs with a filtered CPUID, the in-kernel interrupt controllers
 // and PIT, the platform devices (COM1, exit port, i8042, RTC, pvpanic) and
 // a boot entry. It is the builder the examples use; every part it wires is
-// usable on its own.
+// usable on its own. The KVM side of a machine can be built ahead of need
+// (Shell, Pool), so that a guest or a restored snapshot starts without
+// waiting for VM creation.
 package machine
 
 import (
@@ -64,10 +66,18 @@ type Config struct {
 	Device string
 	// System, if set, is used instead of opening Device.
 	System *kvm.System
-	// Memory, if set, is used as guest RAM (the machine takes ownership);
-	// its layout must equal RAMLayout(MemSize). Restore uses it to run on
-	// a snapshot's lazily mapped memory file.
+	// Memory, if set, is used as guest RAM (the machine takes ownership,
+	// also when New fails); its layout must equal RAMLayout(MemSize).
+	// Restore uses it to run on a snapshot's lazily mapped memory file.
 	Memory *kvm.Memory
+	// Shell, if set, is a VM built ahead of need by NewShell for this
+	// machine's MemSize, CPUs, NoIRQChip, AnonymousMemory and Device; New
+	// takes it over (also when it fails) and creates no VM. With Memory
+	// set too, that memory is moved into the shell's memory slots.
+	Shell *Shell
+	// Pool, if set and Shell is not, lends New a ready shell of this
+	// shape; when it has none New builds the VM itself.
+	Pool *Pool
 	// Logger receives diagnostics (default slog.Default()).
 	Logger *slog.Logger
 	// Watchdog, if positive, ends the run with a CrashWatchdog crash when
@@ -89,16 +99,14 @@ const DefaultMemSize = 128 << 20
 // Machine is an assembled VM. Build it with New, load a guest (LoadFlat or
 // LoadLinux), then Run it (or Start and Wait).
 type Machine struct {
-	cfg    Config
-	log    *slog.Logger
-	sys    *kvm.System
-	ownSys bool
-	vm     *kvm.VM
-	mem    *kvm.Memory
-	vcpus  []*kvm.VCPU
-	pio    *kvm.Bus
-	mmio   *kvm.Bus
-	cpuid  [][]kvm.CPUIDEntry
+	kvmParts
+	cfg  Config
+	log  *slog.Logger
+	pio  *kvm.Bus
+	mmio *kvm.Bus
+	// FromShell reports that New took a pre-built shell (Config.Shell or
+	// Config.Pool) instead of creating the VM.
+	fromShell bool
 
 	uart    *devices.UART
 	console *devices.ConsoleWatcher
@@ -120,19 +128,12 @@ type Machine struct {
 	flushers    []func() error
 }
 
-// New creates the VM, its memory, vCPUs and platform devices.
+// New creates the VM, its memory, vCPUs and platform devices. With
+// Config.Shell, or a ready shell of Config.Pool built for this shape, the
+// VM, memory and vCPUs are the shell's and only the devices are made here.
 func New(cfg Config) (_ *Machine, err error) {
-	if cfg.MemSize == 0 {
-		cfg.MemSize = DefaultMemSize
-	}
-	if cfg.CPUs == 0 {
-		cfg.CPUs = 1
-	}
-	if cfg.MemSize%kvm.PageSize != 0 || cfg.MemSize < 1<<20 {
-		return nil, fmt.Errorf("machine: memory size %d: want a multiple of 4 KiB, at least 1 MiB", cfg.MemSize)
-	}
-	if cfg.CPUs < 1 || cfg.CPUs > 64 {
-		return nil, fmt.Errorf("machine: %d vCPUs: want 1..64", cfg.CPUs)
+	if cfg, err = cfg.withDefaults(); err != nil {
+		return nil, err
 	}
 	m := &Machine{cfg: cfg, log: cfg.Logger, pio: kvm.NewBus(), mmio: kvm.NewBus()}
 	if m.log == nil {
@@ -141,35 +142,20 @@ func New(cfg Config) (_ *Machine, err error) {
 	defer func() {
 		if err != nil {
 			m.Close()
+			if cfg.Memory != nil {
+				cfg.Memory.Close() // idempotent: it may be m's already
+			}
 		}
 	}()
-	if cfg.System != nil {
-		m.sys = cfg.System
-	} else {
-		if m.sys, err = kvm.Open(cfg.Device); err != nil {
+	sh := cfg.Shell
+	if sh == nil && cfg.Pool != nil {
+		sh = cfg.Pool.get(cfg)
+	}
+	if sh != nil {
+		if err = m.adoptShell(sh); err != nil {
 			return nil, err
 		}
-		m.ownSys = true
-	}
-	if m.vm, err = m.sys.CreateVM(kvm.VMOptions{}); err != nil {
-		return nil, err
-	}
-	if err = m.setupPlatform(); err != nil {
-		return nil, err
-	}
-	mem := cfg.Memory
-	if mem == nil {
-		if mem, err = kvm.NewMemory(RAMLayout(cfg.MemSize), kvm.MemoryOptions{Memfd: !cfg.AnonymousMemory, Name: "kvmkit-ram"}); err != nil {
-			return nil, err
-		}
-	} else if err = checkLayout(mem, cfg.MemSize); err != nil {
-		return nil, err
-	}
-	if err = m.adoptMemory(mem); err != nil {
-		mem.Close()
-		return nil, err
-	}
-	if err = m.createVCPUs(); err != nil {
+	} else if m.kvmParts, err = buildParts(cfg); err != nil {
 		return nil, err
 	}
 	if err = m.setupDevices(); err != nil {
@@ -178,79 +164,47 @@ func New(cfg Config) (_ *Machine, err error) {
 	return m, nil
 }
 
-func checkLayout(mem *kvm.Memory, size uint64) error {
-	want := RAMLayout(size)
-	got := mem.Regions()
-	if len(got) != len(want) {
-		return fmt.Errorf("machine: memory has %d regions, layout for %d bytes has %d", len(got), size, len(want))
+// withDefaults fills in defaults and checks the shape.
+func (cfg Config) withDefaults() (Config, error) {
+	if cfg.MemSize == 0 {
+		cfg.MemSize = DefaultMemSize
 	}
-	for i, w := range want {
-		if got[i].GPA != w.GPA || uint64(len(got[i].Host)) != w.Size {
-			return fmt.Errorf("machine: memory region %d is [%#x,+%#x), want [%#x,+%#x)", i, got[i].GPA, len(got[i].Host), w.GPA, w.Size)
-		}
+	if cfg.CPUs == 0 {
+		cfg.CPUs = 1
 	}
-	return nil
+	if cfg.MemSize%kvm.PageSize != 0 || cfg.MemSize < 1<<20 {
+		return cfg, fmt.Errorf("machine: memory size %d: want a multiple of 4 KiB, at least 1 MiB", cfg.MemSize)
+	}
+	if cfg.CPUs < 1 || cfg.CPUs > 64 {
+		return cfg, fmt.Errorf("machine: %d vCPUs: want 1..64", cfg.CPUs)
+	}
+	return cfg, nil
 }
 
-// RAMLayout splits size bytes of RAM around the 32-bit MMIO hole.
-func RAMLayout(size uint64) []kvm.RegionSpec {
-	if size <= MMIOHoleStart {
-		return []kvm.RegionSpec{{GPA: 0, Size: size}}
+// adoptShell takes sh's VM, memory and vCPUs (sh is consumed, also on
+// error) and, when cfg.Memory is set, moves that memory into the shell's
+// slots.
+func (m *Machine) adoptShell(sh *Shell) error {
+	parts, key := sh.take()
+	if parts.vm == nil {
+		return fmt.Errorf("machine: %w", ErrShellUsed)
 	}
-	return []kvm.RegionSpec{{GPA: 0, Size: MMIOHoleStart}, {GPA: HighRAMStart, Size: size - MMIOHoleStart}}
-}
-
-func (m *Machine) setupPlatform() error {
-	if err := m.vm.SetTSSAddr(tssAddr); err != nil {
-		return err
+	m.kvmParts, m.fromShell = parts, true
+	if want := shapeOf(m.cfg); key != want {
+		return fmt.Errorf("machine: %w: shell built for %v, machine wants %v", ErrShellMismatch, key, want)
 	}
-	if err := m.vm.SetIdentityMapAddr(identityMap); err != nil {
-		return err
-	}
-	if m.cfg.NoIRQChip {
+	if m.cfg.Memory == nil {
 		return nil
 	}
-	if err := m.vm.CreateIRQChip(); err != nil {
+	if err := checkLayout(m.cfg.Memory, m.cfg.MemSize); err != nil {
 		return err
 	}
-	return m.vm.CreatePIT2(kvm.PITSpeakerDummy)
+	return m.mem.MoveFrom(m.cfg.Memory)
 }
 
-// adoptMemory registers mem's regions as slots 0.. and takes ownership.
-func (m *Machine) adoptMemory(mem *kvm.Memory) error {
-	if err := m.vm.AddMemory(mem, 0, 0); err != nil {
-		return err
-	}
-	m.mem = mem
-	return nil
-}
-
-func (m *Machine) createVCPUs() error {
-	supported, err := m.sys.SupportedCPUID()
-	if err != nil {
-		return err
-	}
-	for i := range m.cfg.CPUs {
-		c, err := m.vm.CreateVCPU(i)
-		if err != nil {
-			return err
-		}
-		m.vcpus = append(m.vcpus, c)
-		entries := cpuidFor(supported, i, m.cfg.CPUs)
-		if err := c.SetCPUID(entries); err != nil {
-			return fmt.Errorf("vCPU %d: %w", i, err)
-		}
-		m.cpuid = append(m.cpuid, entries)
-	}
-	// SaveState's first call would otherwise find the readable MSRs inside
-	// a migration's downtime; the vCPU is not running yet, so ask now.
-	if len(m.vcpus) > 0 {
-		if err := m.vcpus[0].ProbeMSRs(); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+// FromShell reports whether New took a pre-built shell (Config.Shell, or
+// one of Config.Pool's) instead of creating the VM itself.
+func (m *Machine) FromShell() bool { return m.fromShell }
 
 func (m *Machine) irq(n uint32) kvm.IRQ {
 	if m.cfg.NoIRQChip {
@@ -434,17 +388,6 @@ func (m *Machine) Close() error {
 	for _, c := range m.extra {
 		errs = append(errs, c.Close())
 	}
-	for _, c := range m.vcpus {
-		errs = append(errs, c.Close())
-	}
-	if m.vm != nil {
-		errs = append(errs, m.vm.Close())
-	}
-	if m.mem != nil {
-		errs = append(errs, m.mem.Close())
-	}
-	if m.ownSys && m.sys != nil {
-		errs = append(errs, m.sys.Close())
-	}
+	errs = append(errs, m.kvmParts.close())
 	return errors.Join(errs...)
 }

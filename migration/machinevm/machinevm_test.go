@@ -302,34 +302,50 @@ func TestMigrationFailureKeepsSourceRunning(t *testing.T) {
 }
 
 // TestSnapshotRestoreCompute snapshots the compute guest to a directory,
-// restores it (lazily mapped memory) and checks the sequence continues.
+// restores it (lazily mapped memory) into a new VM and into a pooled shell
+// (the mapping moved into its memory slots), and checks the sequence goes on.
 func TestSnapshotRestoreCompute(t *testing.T) {
 	requireKVM(t)
-	var hosts []*vmHost
-	src := startGuest(t, guests.Compute, machine.Config{MemSize: 32 << 20}, guests.Params{}, &hosts)
-	waitFor(t, src, "compute runs", func() bool { return len(src.vals.get()) >= 200 })
-	dir := t.TempDir() + "/snap"
-	_, err := migration.SaveSnapshot(context.Background(), &machinevm.Source{M: src.m}, dir, migration.SnapshotOptions{LeavePaused: true, NoSync: true})
-	require.NoError(t, err)
-	seen := len(src.vals.get())
-	src.m.Stop(kvm.Result{Reason: kvm.StopCanceled})
-	_, _ = src.m.Wait()
+	cfg := machine.Config{MemSize: 32 << 20}
+	for _, pooled := range []bool{false, true} {
+		t.Run(map[bool]string{false: "new VM", true: "pooled shell"}[pooled], func(t *testing.T) {
+			var hosts []*vmHost
+			src := startGuest(t, guests.Compute, cfg, guests.Params{}, &hosts)
+			var base machine.Config
+			if pooled {
+				p, err := machine.NewPool(cfg, machine.PoolOptions{Size: 1})
+				require.NoError(t, err)
+				t.Cleanup(func() { p.Close() })
+				require.NoError(t, p.Wait(context.Background(), 1))
+				base.Pool = p
+			}
+			waitFor(t, src, "compute runs", func() bool { return len(src.vals.get()) >= 200 })
+			dir := t.TempDir() + "/snap"
+			_, err := migration.SaveSnapshot(context.Background(), &machinevm.Source{M: src.m}, dir, migration.SnapshotOptions{LeavePaused: true, NoSync: true})
+			require.NoError(t, err)
+			seen := len(src.vals.get())
+			src.m.Stop(kvm.Result{Reason: kvm.StopCanceled})
+			_, _ = src.m.Wait()
 
-	snap, err := migration.LoadSnapshot(dir)
-	require.NoError(t, err)
-	tgt := &machinevm.Target{Build: build(&hosts)}
-	rs, err := migration.Restore(context.Background(), snap, tgt)
-	require.NoError(t, err)
-	t.Logf("restore: lazy=%v prepare %v load %v resume %v total %v", rs.Lazy, rs.Prepare, rs.Load, rs.Resume, rs.Total)
-	dst := hosts[len(hosts)-1]
-	t.Cleanup(func() { dst.m.Close() })
-	waitFor(t, dst, "restored compute runs", func() bool { return len(dst.vals.get()) >= 100 })
-	dst.m.Stop(kvm.Result{Reason: kvm.StopCanceled})
-	_, _ = dst.m.Wait()
+			snap, err := migration.LoadSnapshot(dir)
+			require.NoError(t, err)
+			tgt := &machinevm.Target{Build: build(&hosts), Base: base}
+			rs, err := migration.Restore(context.Background(), snap, tgt)
+			require.NoError(t, err)
+			t.Logf("restore: lazy=%v prepare %v load %v resume %v total %v", rs.Lazy, rs.Prepare, rs.Load, rs.Resume, rs.Total)
+			dst := hosts[len(hosts)-1]
+			t.Cleanup(func() { dst.m.Close() })
+			assert.True(t, rs.Lazy)
+			assert.Equal(t, pooled, dst.m.FromShell())
+			waitFor(t, dst, "restored compute runs", func() bool { return len(dst.vals.get()) >= 100 })
+			dst.m.Stop(kvm.Result{Reason: kvm.StopCanceled})
+			_, _ = dst.m.Wait()
 
-	want := guests.ComputeSequence(seen + 100)
-	assert.Equal(t, want[:seen], src.vals.get()[:seen])
-	assert.Equal(t, want[seen:seen+100], dst.vals.get()[:100], "restored guest continues the sequence")
+			want := guests.ComputeSequence(seen + 100)
+			assert.Equal(t, want[:seen], src.vals.get()[:seen])
+			assert.Equal(t, want[seen:seen+100], dst.vals.get()[:100], "restored guest continues the sequence")
+		})
+	}
 }
 
 func TestCPUIDCodec(t *testing.T) {
