@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -82,6 +83,9 @@ type Result struct {
 	Reason string `json:"reason,omitempty"`
 	// Output is the tail of COM1 output.
 	Output string `json:"output,omitempty"`
+	// PrebuiltVM reports that the case ran in a VM built before it
+	// started (see RunAll).
+	PrebuiltVM bool `json:"prebuilt_vm"`
 }
 
 // maxSpecCases bounds a spec.
@@ -162,8 +166,18 @@ func BuiltinSuite() []Case {
 }
 
 // RunAll runs cases, at most parallel at a time, and returns the results
-// in the order of cases.
+// in the order of cases. The VMs are built ahead of the cases: a
+// machine.Pool per VM shape (memory size, vCPUs) keeps up to parallel of
+// them ready, builds no more than that shape's cases need, and is filled
+// before the first case starts, so a case's time is its guest's. A case
+// that finds no ready VM builds its own.
 func RunAll(ctx context.Context, cases []Case, parallel int) []Result {
+	pools := startPools(ctx, cases, parallel)
+	defer func() {
+		for _, p := range pools {
+			p.Close()
+		}
+	}()
 	results := make([]Result, len(cases))
 	sem := make(chan struct{}, parallel)
 	var wg sync.WaitGroup
@@ -173,11 +187,56 @@ func RunAll(ctx context.Context, cases []Case, parallel int) []Result {
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			results[i] = RunCase(ctx, cases[i])
+			results[i] = runCase(ctx, cases[i], pools)
 		}()
 	}
 	wg.Wait()
 	return results
+}
+
+// vmShape is what a case's VM is built for.
+type vmShape struct {
+	mem  uint64
+	cpus int
+}
+
+// machineConfig is the machine a case runs in, without its console.
+func machineConfig(c Case) machine.Config {
+	cfg := machine.Config{CPUs: c.CPUs, MemSize: 64 << 20, Watchdog: time.Duration(c.Watchdog), WatchConsole: c.Kernel != ""}
+	if c.Kernel != "" {
+		cfg.MemSize = 256 << 20
+	}
+	if c.Mem != "" {
+		cfg.MemSize, _ = parseSize(c.Mem)
+	}
+	return cfg
+}
+
+func shapeOf(c Case) vmShape {
+	cfg := machineConfig(c)
+	return vmShape{mem: cfg.MemSize, cpus: max(cfg.CPUs, 1)}
+}
+
+// startPools starts a pool per shape and waits until each has its first
+// VMs (or ctx ends: the cases then build their own).
+func startPools(ctx context.Context, cases []Case, parallel int) map[vmShape]*machine.Pool {
+	count := map[vmShape]int{}
+	for _, c := range cases {
+		count[shapeOf(c)]++
+	}
+	pools := map[vmShape]*machine.Pool{}
+	quiet := slog.New(slog.DiscardHandler) // a failed build shows as the case's own error
+	for sh, n := range count {
+		p, err := machine.NewPool(machine.Config{MemSize: sh.mem, CPUs: sh.cpus, Logger: quiet},
+			machine.PoolOptions{Size: min(n, parallel), Limit: n})
+		if err == nil {
+			pools[sh] = p
+		}
+	}
+	for sh, p := range pools {
+		_ = p.Wait(ctx, min(count[sh], parallel))
+	}
+	return pools
 }
 
 // outputBuffer keeps the first MiB of a guest's console output.
@@ -211,7 +270,10 @@ func (o *outputBuffer) Tail(n int) string {
 
 // RunCase runs one case in its own VM. It never panics: any failure of
 // the guest or the VMM becomes a failed Result.
-func RunCase(ctx context.Context, c Case) (res Result) {
+func RunCase(ctx context.Context, c Case) Result { return runCase(ctx, c, nil) }
+
+// runCase runs c in a VM from its shape's pool when one is ready.
+func runCase(ctx context.Context, c Case, pools map[vmShape]*machine.Pool) (res Result) {
 	res.Name = c.Name
 	start := time.Now()
 	defer func() {
@@ -228,13 +290,9 @@ func RunCase(ctx context.Context, c Case) (res Result) {
 	defer cancel()
 
 	out := &outputBuffer{}
-	cfg := machine.Config{CPUs: c.CPUs, Serial: out, MemSize: 64 << 20, Watchdog: time.Duration(c.Watchdog), WatchConsole: c.Kernel != ""}
-	if c.Kernel != "" {
-		cfg.MemSize = 256 << 20
-	}
-	if c.Mem != "" {
-		cfg.MemSize, _ = parseSize(c.Mem)
-	}
+	cfg := machineConfig(c)
+	cfg.Serial = out
+	cfg.Pool = pools[shapeOf(c)]
 	if c.Input != "" {
 		cfg.SerialIn = strings.NewReader(c.Input)
 	}
@@ -244,6 +302,7 @@ func RunCase(ctx context.Context, c Case) (res Result) {
 		return res
 	}
 	defer m.Close()
+	res.PrebuiltVM = m.FromShell()
 	if err := load(m, c); err != nil {
 		res.Outcome, res.Reason = "load error", err.Error()
 		return res

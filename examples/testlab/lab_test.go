@@ -86,4 +86,13 @@ func TestFailuresAreReported(t *testing.T) {
 	assert.False(t, res[2].Passed)
 	assert.Contains(t, res[2].Reason, "goodbye")
 	assert.True(t, res[3].Passed, res[3].Reason)
+	// All four share a shape: the pool had two VMs ready before the
+	// first case started.
+	prebuilt := 0
+	for _, r := range res {
+		if r.PrebuiltVM {
+			prebuilt++
+		}
+	}
+	assert.GreaterOrEqual(t, prebuilt, 2)
 }

@@ -338,6 +338,11 @@ checkpoint a few milliseconds away from running again.`,
 			if err := f.virtio.validate(); err != nil {
 				return &usageError{err}
 			}
+			if f.jail.enabled() {
+				// Refused rather than ignored: a restored guest would run
+				// outside the jail the flag asked for.
+				return &usageError{errors.New("--jail is not supported by vmm restore (run, receive: yes)")}
+			}
 			ctx := cmd.Context()
 			tgt := targetFor(ctx, env, &f)
 			if standby {
@@ -373,7 +378,7 @@ checkpoint a few milliseconds away from running again.`,
 // gives, for a VM that arrives later (a migration, a snapshot). A VM of
 // another shape is built when it arrives. Close the pool when done.
 func standbyPool(f *runFlags) *machine.Pool {
-	p, err := machine.NewPool(machine.Config{MemSize: f.memSize(), CPUs: f.cpus, NoIRQChip: f.noIRQ}, machine.PoolOptions{Size: 1, NoRefill: true})
+	p, err := machine.NewPool(machine.Config{MemSize: f.memSize(), CPUs: f.cpus, NoIRQChip: f.noIRQ}, machine.PoolOptions{Size: 1, Limit: 1})
 	if err != nil {
 		// A shape machine.New refuses: the arriving VM's own build
 		// reports it.

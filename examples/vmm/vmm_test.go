@@ -125,6 +125,9 @@ func TestBadInput(t *testing.T) {
 		{[]string{"run", "--bogus"}, exitUsage, "unknown flag"},
 		{[]string{"run", "--on-reset", "explode"}, exitUsage, "--on-reset"},
 		{[]string{"migrate", "--to", "127.0.0.1:1"}, exitUsage, "--control"},
+		{[]string{"restore"}, exitUsage, "--from"},
+		{[]string{"restore", "--from", "x", "--jail", "j"}, exitUsage, "--jail"},
+		{[]string{"restore", "--from", "/nonexistent/snap"}, exitFailure, "/nonexistent/snap"},
 		{[]string{"run", "--image", "/nonexistent/guest.bin"}, exitFailure, "/nonexistent/guest.bin"},
 	}
 	for _, c := range cases {

@@ -15,11 +15,11 @@ import (
 // that shape (Config.Pool) starts without creating a VM: a guest boots, or
 // a snapshot is restored, in the time its devices and state take. One
 // goroutine builds shells until Size are ready, and another each time one
-// is taken (unless NoRefill), at the lowest CPU priority; a build that
-// fails is retried after a growing pause (at most 5 s) and counted in
-// Stats. A pool is a standby's tool: a host that
-// restarts failed guests from their checkpoints, a test lab starting many
-// guests of a few shapes.
+// is taken (up to Limit), at the lowest CPU priority; a build that fails
+// is retried after a growing pause (at most 5 s) and counted in Stats. A
+// pool is a standby's tool: a host that restarts failed guests from their
+// checkpoints, a migration target, a test lab starting many guests of a
+// few shapes.
 type Pool struct {
 	cfg   Config
 	shape shape
@@ -55,10 +55,10 @@ type PoolStats struct {
 type PoolOptions struct {
 	// Size is the number of shells kept ready (at least 1).
 	Size int
-	// NoRefill builds Size shells and no replacements: for a program that
-	// expects one VM (a migration target, a standby restore), where
-	// building a spare while its guest starts would only cost CPU.
-	NoRefill bool
+	// Limit, if positive, caps the shells built in all: a program that
+	// knows how many VMs it will start (a migration target or a standby
+	// restore: 1; a test run: its cases) builds no spare nobody takes.
+	Limit int
 }
 
 // maxRetryPause caps the pause between failed builds.
@@ -86,6 +86,11 @@ func NewPool(cfg Config, opts PoolOptions) (*Pool, error) {
 	return p, nil
 }
 
+// exhaustedLocked reports that the pool has built its Limit; p.mu is held.
+func (p *Pool) exhaustedLocked() bool {
+	return p.opts.Limit > 0 && p.stats.Built >= p.opts.Limit
+}
+
 // notifyLocked wakes everyone waiting for a change; p.mu is held.
 func (p *Pool) notifyLocked() {
 	close(p.changed)
@@ -101,7 +106,7 @@ func (p *Pool) fill() {
 			p.mu.Unlock()
 			return
 		}
-		need := len(p.ready) < p.opts.Size && !(p.opts.NoRefill && p.stats.Built >= p.opts.Size)
+		need := len(p.ready) < p.opts.Size && !p.exhaustedLocked()
 		p.mu.Unlock()
 		if !need {
 			<-p.wake
@@ -159,7 +164,7 @@ func (p *Pool) build() (*Shell, error) {
 }
 
 // Get takes a ready shell, or returns nil when none is ready. The pool
-// builds a replacement.
+// builds a replacement until it reaches its Limit.
 func (p *Pool) Get() *Shell {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -193,7 +198,7 @@ func (p *Pool) get(cfg Config) *Shell {
 
 // Wait blocks until n shells are ready (n is capped at the pool's size),
 // the context ends, the pool closes, or a build fails (its error). A
-// NoRefill pool that has built all its shells returns at once.
+// pool that has built its Limit returns at once.
 func (p *Pool) Wait(ctx context.Context, n int) error {
 	n = min(n, p.opts.Size)
 	p.mu.Lock()
@@ -206,7 +211,7 @@ func (p *Pool) Wait(ctx context.Context, n int) error {
 		case len(p.ready) >= n:
 			p.mu.Unlock()
 			return nil
-		case p.opts.NoRefill && p.stats.Built >= p.opts.Size:
+		case p.exhaustedLocked():
 			// Nothing more will be built.
 			p.mu.Unlock()
 			return nil

@@ -167,11 +167,11 @@ func TestPool(t *testing.T) {
 	assert.ErrorIs(t, p.Wait(ctx, 1), machine.ErrPoolClosed)
 }
 
-// TestPoolNoRefill: a NoRefill pool builds its shells once.
-func TestPoolNoRefill(t *testing.T) {
+// TestPoolLimit: a pool builds no more than its Limit.
+func TestPoolLimit(t *testing.T) {
 	requireKVM(t)
 	cfg := machine.Config{MemSize: 16 << 20, NoIRQChip: true}
-	p, err := machine.NewPool(cfg, machine.PoolOptions{Size: 1, NoRefill: true})
+	p, err := machine.NewPool(cfg, machine.PoolOptions{Size: 1, Limit: 1})
 	require.NoError(t, err)
 	defer p.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
