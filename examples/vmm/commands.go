@@ -391,17 +391,21 @@ func standbyPool(f *runFlags) *machine.Pool {
 func waitStandby(ctx context.Context, env *cliEnv, pool *machine.Pool) error {
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
 	if pool != nil {
 		if err := pool.Wait(ctx, 1); err != nil {
+			signal.Stop(usr1)
 			return fmt.Errorf("standby: building the VM: %w", err)
 		}
 	}
 	fmt.Fprintf(env.stderr, "vmm: standby (pid %d): the VM is built; send SIGUSR1 to restore\n", os.Getpid())
 	select {
 	case <-usr1:
+		// A supervisor that signals twice must not kill the restored
+		// guest (SIGUSR1's default action ends the process).
+		signal.Ignore(syscall.SIGUSR1)
 		return nil
 	case <-ctx.Done():
+		signal.Stop(usr1)
 		return ctx.Err()
 	}
 }
