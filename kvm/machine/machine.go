@@ -104,7 +104,7 @@ type Machine struct {
 	log  *slog.Logger
 	pio  *kvm.Bus
 	mmio *kvm.Bus
-	// FromShell reports that New took a pre-built shell (Config.Shell or
+	// fromShell records that New took a pre-built shell (Config.Shell or
 	// Config.Pool) instead of creating the VM.
 	fromShell bool
 

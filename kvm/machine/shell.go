@@ -53,14 +53,11 @@ func (s shape) String() string {
 
 // buildParts creates the VM, its platform (TSS, identity map, irqchip,
 // PIT), its memory (cfg.Memory or new) registered as slots 0.., and the
-// vCPUs with their CPUID set and the readable MSRs probed. On error nothing
-// is left open except cfg.Memory, which the caller still owns.
+// vCPUs with their CPUID set and the readable MSRs probed. On error
+// everything is closed, cfg.Memory included (New owns it then too).
 func buildParts(cfg Config) (p kvmParts, err error) {
 	defer func() {
 		if err != nil {
-			if p.mem == cfg.Memory {
-				p.mem = nil
-			}
 			_ = p.close()
 		}
 	}()
